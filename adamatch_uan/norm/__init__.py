@@ -1,0 +1,62 @@
+"""Normalization layers every backbone can plug in: BatchNorm, Mixture Normalization, UAN.
+
+``make_norm(norm, num_features, **options)`` resolves a name from ``NORMS`` or calls a
+callable; backbones call it once per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from torch import nn
+
+from adamatch_uan.norm.batch import BatchNorm
+from adamatch_uan.norm.context import frozen_stats, uses_context
+from adamatch_uan.norm.mixture import BatchStats, Mixture, mixture_normalize
+from adamatch_uan.norm.mn import MixtureNorm
+from adamatch_uan.norm.uan import UAN
+
+
+def _identity(num_features: int, **options) -> nn.Module:
+    return nn.Identity()
+
+
+NormFactory = Callable[..., nn.Module]
+
+NORMS: dict[str, NormFactory] = {
+    "bn": BatchNorm,
+    "mn": MixtureNorm,
+    "uan": UAN,
+    # UAN with the domain as context: source = 0, target = 1 (ALGORITHMS.md §4).
+    "uan_ctx": functools.partial(UAN, num_contexts=2),
+    "none": _identity,
+}
+
+
+def list_norms() -> list[str]:
+    """The registered norm names."""
+    return sorted(NORMS)
+
+
+def make_norm(norm: str | NormFactory, num_features: int, **options) -> nn.Module:
+    """Build a normalization layer.
+
+    Args:
+        norm: a name in ``NORMS`` or a callable ``(num_features, **options) -> nn.Module``.
+        num_features: channels C.
+        **options: passed to the layer's constructor.
+
+    Raises:
+        ValueError: for an unknown name, listing the choices.
+    """
+    if callable(norm):
+        return norm(num_features, **options)
+    if isinstance(norm, str) and norm in NORMS:
+        return NORMS[norm](num_features, **options)
+    raise ValueError(f"Expected a norm name in {{{', '.join(list_norms())}}} or a callable "
+                     f"(num_features, **options) -> nn.Module, got {norm!r}; use --norm NAME")
+
+
+__all__ = ["NORMS", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "UAN", "frozen_stats",
+           "list_norms", "make_norm", "mixture_normalize", "uses_context"]

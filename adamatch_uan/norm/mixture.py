@@ -1,0 +1,160 @@
+"""The mixture normalizing transform (ALGORITHMS.md §2), written once for MN and UAN.
+
+Given a per-channel 1-D Gaussian mixture (λ, μ, σ²) that defines the responsibilities
+
+    τ_k(x) = λ_k N(x; μ_k, σ_k²) / Σ_j λ_j N(x; μ_j, σ_j²)          (log space)
+
+the transform is
+
+    α_k  = Σ_pos τ_k x / Σ_pos τ_k
+    δ_k² = Σ_pos τ_k (x − α_k)² / Σ_pos τ_k
+    y    = γ Σ_k [τ_k / sqrt(λ_k)] (x − α_k) / sqrt(δ_k² + ε) + β.
+
+The responsibilities are passed as the mixture that defines them, not as a (N, K, C, ...)
+tensor: the fused passes in ``kernel.py`` recompute log τ from (λ, μ, σ²) where they need it,
+so memory stays that of BatchNorm. α and δ² come from three per-(k, c) sums taken about a
+per-channel shift s (the first value of each channel), Σ τ, Σ τ(x − s), Σ τ(x − s)², which is
+exact in real arithmetic and avoids the cancellation of Σ τ x² for large |x|; the sums are
+what a distributed version all-reduces (with a shift common to all processes).
+
+Gradients are analytic (one pass per autograd Function) and flow to x, to the mixture
+(through τ), and to γ, β; the mixture may instead be constant (MN's EM estimates).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from adamatch_uan.norm import kernel
+
+
+class Mixture(NamedTuple):
+    """A per-channel 1-D Gaussian mixture.
+
+    Shape:
+        log_weight: (G, K, C) log λ, one table per context (G = 1 without contexts).
+        mean: (K, C) μ.
+        var: (K, C) σ² > 0.
+    """
+
+    log_weight: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+class BatchStats(NamedTuple):
+    """Responsibility-weighted batch statistics, each (K, C): Σ τ_k, α_k and biased δ_k²."""
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+def _logit_terms(mixture: Mixture) -> tuple[Tensor, Tensor]:
+    """h = 1/(2σ²) and lc = log λ − ½ log(2πσ²): log λ_k N(x; μ_k, σ_k²) = lc_k − h_k (x − μ_k)²."""
+    return 0.5 / mixture.var, mixture.log_weight - 0.5 * torch.log(2 * math.pi * mixture.var)
+
+
+class _Sums(Function):
+    @staticmethod
+    def forward(ctx, x, context, mu, h, lc, shift):
+        ctx.save_for_backward(x, context, mu, h, lc, shift)
+        return kernel.stats(x, context, mu, h, lc, shift)
+
+    @staticmethod
+    def backward(ctx, dS):
+        x, context, mu, h, lc, shift = ctx.saved_tensors
+        need = any(ctx.needs_input_grad[2:5])
+        dx, (L0, R1, R2) = kernel.stats_backward(dS.contiguous(), x, context, mu, h, lc, shift, need)
+        return dx, None, 2 * h * R1.sum(0), -R2.sum(0), L0, None
+
+
+class _Apply(Function):
+    @staticmethod
+    def forward(ctx, x, context, mu, h, lc, alpha, A, beta):
+        ctx.save_for_backward(x, context, mu, h, lc, alpha, A)
+        return kernel.apply(x, context, mu, h, lc, alpha, A, beta)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, context, mu, h, lc, alpha, A = ctx.saved_tensors
+        need = any(ctx.needs_input_grad[2:5])
+        dx, (E0, E1, L0, R1, R2) = kernel.apply_backward(gy.contiguous(), x, context, mu, h, lc, alpha, A, need)
+        return dx, None, 2 * h * R1.sum(0), -R2.sum(0), L0, -(A * E0).sum(0), E1, E0.sum((0, 1))
+
+
+def stats_from_sums(sums: Tensor, shift: Tensor) -> BatchStats:
+    """α_k = s + S1/S0 and δ_k² = S2/S0 − (S1/S0)², from sums S (3, K, C) about the shift s (C,).
+
+    A component with no mass (S0 = 0) gets α = s, δ² = 0; its τ is 0 wherever it is used.
+    """
+    count = sums[0]
+    safe = count.clamp_min(torch.finfo(sums.dtype).tiny ** 0.5)
+    m1 = sums[1] / safe
+    return BatchStats(count, shift + m1, (sums[2] / safe - m1 * m1).clamp_min(0))
+
+
+def _validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
+    if context is None:
+        return None
+    if context.shape != (n,) or context.dtype.is_floating_point or context.dtype == torch.bool:
+        raise ValueError(f"Expected an integer context id per sample of shape ({n},), got "
+                         f"{tuple(context.shape)} {context.dtype}")
+    if n and (int(context.min()) < 0 or int(context.max()) >= groups):
+        raise ValueError(f"Expected context ids in [0, {groups}), got values in "
+                         f"[{int(context.min())}, {int(context.max())}]")
+    return context.to(device=device, dtype=torch.int64).contiguous()
+
+
+def mixture_normalize(x: Tensor, mixture: Mixture, weight: Tensor | None, bias: Tensor | None,
+                      eps: float, context: Tensor | None = None,
+                      stats: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, BatchStats | None]:
+    """Apply the mixture normalizing transform of ALGORITHMS.md §2.
+
+    Statistics and the output are computed in float32 (float64 stays float64) with autocast
+    off; the result has the dtype of ``x``.
+
+    Args:
+        x: activations, (N, C, *spatial) or (N, C).
+        mixture: the mixture that defines τ; ``mixture.log_weight`` has one table per context.
+        weight: γ (C,) or None (1).
+        bias: β (C,) or None (0).
+        eps: ε added to δ_k².
+        context: per-sample context ids (N,) selecting the log-weight table; None uses table 0.
+        stats: (α, δ²), each (K, C), to use instead of batch statistics (evaluation).
+
+    Returns:
+        The normalized tensor (shape and dtype of x) and the batch statistics (None when
+        ``stats`` was given).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"Expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if stats is None and x[:, 0].numel() < 2:
+        raise ValueError(f"Expected more than 1 value per channel in training to compute batch statistics, "
+                         f"got input of shape {tuple(x.shape)}")
+    groups = mixture.log_weight.shape[0]
+    context = _validate_context(context, n, groups, x.device)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        x3 = x.reshape(n, c, -1).to(compute).contiguous()
+        mu, var = mixture.mean.to(compute), mixture.var.to(compute)
+        log_weight = mixture.log_weight.to(compute)
+        h, lc = _logit_terms(Mixture(log_weight, mu, var))
+        if stats is None:
+            shift = x3[0, :, 0].detach()
+            batch = stats_from_sums(_Sums.apply(x3, context, mu, h, lc, shift), shift)
+            alpha, delta2 = batch.mean, batch.var
+        else:
+            batch = None
+            alpha, delta2 = (s.to(compute) for s in stats)
+        gamma = weight.to(compute) if weight is not None else torch.ones(c, dtype=compute, device=x.device)
+        beta = bias.to(compute) if bias is not None else torch.zeros(c, dtype=compute, device=x.device)
+        A = gamma * torch.exp(-0.5 * log_weight) * torch.rsqrt(delta2 + eps)
+        y = _Apply.apply(x3, context, mu, h, lc, alpha, A, beta)
+    return y.reshape(x.shape).to(x.dtype), batch

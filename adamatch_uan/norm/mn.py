@@ -1,0 +1,154 @@
+"""Mixture Normalization (MN, Kalayeh & Shah, TPAMI 2019; ALGORITHMS.md §3).
+
+No public implementation exists; this one makes these choices:
+
+- EM per channel on a random subsample of at most ``max_samples`` positions (the same
+  positions for every channel), ``em_iters`` iterations in log space, every ``em_every``
+  training steps; between fits the last fit is reused (cheaper but staler).
+- Each fit is warm-started from the running mixture estimates; the very first fit starts
+  from the subsample's quantiles (means) and variance / K (variances), with uniform weights.
+- A component whose mass falls below 1e-6 of the subsample keeps its previous estimates;
+  variances are floored at ``min_var``.
+- Running averages (momentum) of (λ, μ, σ²) and of (α, δ²) serve evaluation: τ from the
+  running mixture, transform with the running α, δ².
+- Gradients flow through the transform (and through τ's dependence on x), never into EM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from adamatch_uan.norm.mixture import Mixture, mixture_normalize
+
+# A component whose share of the subsample falls below this keeps its previous estimates.
+_EMPTY_SHARE = 1e-6
+
+
+def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: int,
+           min_var: float) -> tuple[Tensor, Tensor, Tensor]:
+    """EM for a 1-D Gaussian mixture per channel, started from (weight, mean, var).
+
+    E-step: log τ_k = log λ_k + log N(x; μ_k, σ_k²) − logsumexp_j(·).
+    M-step: λ_k = mean τ_k, μ_k = Σ τ_k x / Σ τ_k, σ_k² = Σ τ_k (x − μ_k)² / Σ τ_k (≥ min_var).
+
+    Args:
+        samples: (C, M) float32 values per channel.
+        weight, mean, var: (K, C) starting estimates.
+        iters: EM iterations.
+        min_var: floor of σ².
+
+    Returns:
+        (weight, mean, var), each (K, C).
+    """
+    x = samples.unsqueeze(0)  # (1, C, M)
+    weight, mean, var = weight.clone(), mean.clone(), var.clone()
+    for _ in range(iters):
+        log_p = (torch.log(weight.clamp_min(torch.finfo(weight.dtype).tiny)).unsqueeze(-1)
+                 - 0.5 * torch.log(2 * math.pi * var).unsqueeze(-1)
+                 - (x - mean.unsqueeze(-1)) ** 2 / (2 * var.unsqueeze(-1)))
+        tau = torch.softmax(log_p, dim=0)  # (K, C, M)
+        mass = tau.sum(-1)
+        alive = mass > _EMPTY_SHARE * samples.shape[-1]
+        safe = mass.clamp_min(torch.finfo(mass.dtype).tiny)
+        new_mean = (tau * x).sum(-1) / safe
+        new_var = ((tau * (x - new_mean.unsqueeze(-1)) ** 2).sum(-1) / safe).clamp_min(min_var)
+        weight = mass / samples.shape[-1]
+        mean = torch.where(alive, new_mean, mean)
+        var = torch.where(alive, new_var, var)
+    return weight / weight.sum(0, keepdim=True), mean, var
+
+
+def quantile_start(samples: Tensor, num_components: int, min_var: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Uniform weights, means at the (k + ½)/K quantiles, variance = sample variance / K; each (K, C)."""
+    levels = (torch.arange(num_components, dtype=samples.dtype, device=samples.device) + 0.5) / num_components
+    mean = torch.quantile(samples, levels, dim=1)
+    var = (samples.var(1, unbiased=False) / num_components).clamp_min(min_var).expand_as(mean).clone()
+    return torch.full_like(mean, 1 / num_components), mean, var
+
+
+class MixtureNorm(nn.Module):
+    """The mixture transform of §2 with (λ, μ, σ²) estimated by EM (choices in the module docstring).
+
+    Args:
+        num_features: channels C.
+        num_components: mixture components K.
+        eps: ε added to δ_k².
+        momentum: running-average momentum of the mixture and of α, δ².
+        em_iters: EM iterations per fit.
+        em_every: fit every this many training steps.
+        max_samples: at most this many positions per channel enter EM.
+        affine: learn γ, β.
+        min_var: floor of the EM variances.
+
+    Shape:
+        x: (N, C) or (N, C, *spatial); output has the same shape and dtype.
+    """
+
+    def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5, momentum: float = 0.1,
+                 em_iters: int = 3, em_every: int = 1, max_samples: int = 4096, affine: bool = True,
+                 min_var: float = 1e-3) -> None:
+        super().__init__()
+        if num_components < 1 or em_iters < 1 or em_every < 1 or max_samples < 2:
+            raise ValueError(f"Expected num_components, em_iters, em_every >= 1 and max_samples >= 2, got "
+                             f"{num_components}, {em_iters}, {em_every}, {max_samples}")
+        self.num_features, self.num_components = num_features, num_components
+        self.eps, self.momentum, self.min_var = eps, momentum, min_var
+        self.em_iters, self.em_every, self.max_samples = em_iters, em_every, max_samples
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        K, C = num_components, num_features
+        for prefix in ("fit", "running"):
+            self.register_buffer(f"{prefix}_weight", torch.full((K, C), 1 / K))
+            self.register_buffer(f"{prefix}_mean", torch.zeros(K, C))
+            self.register_buffer(f"{prefix}_var", torch.ones(K, C))
+        self.register_buffer("running_alpha", torch.zeros(K, C))
+        self.register_buffer("running_delta2", torch.ones(K, C))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("num_fits", torch.tensor(0, dtype=torch.long))
+
+    def _mixture(self, prefix: str) -> Mixture:
+        weight = getattr(self, f"{prefix}_weight")
+        log_weight = torch.log(weight.clamp_min(torch.finfo(weight.dtype).tiny)).unsqueeze(0)
+        return Mixture(log_weight, getattr(self, f"{prefix}_mean"), getattr(self, f"{prefix}_var"))
+
+    @torch.no_grad()
+    def _fit(self, x: Tensor) -> None:
+        values = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)  # (C, N·P)
+        if values.shape[1] > self.max_samples:
+            values = values[:, torch.randperm(values.shape[1], device=x.device)[: self.max_samples]]
+        if self.num_fits == 0:
+            start = quantile_start(values, self.num_components, self.min_var)
+        else:
+            start = (self.running_weight, self.running_mean, self.running_var)
+        fit = em_fit(values, *start, iters=self.em_iters, min_var=self.min_var)
+        first = bool(self.num_fits == 0)
+        for name, value in zip(("weight", "mean", "var"), fit):
+            getattr(self, f"fit_{name}").copy_(value)
+            running = getattr(self, f"running_{name}")
+            running.copy_(value) if first else running.lerp_(value, self.momentum)
+        self.num_fits.add_(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            stats = (self.running_alpha, self.running_delta2)
+            return mixture_normalize(x, self._mixture("running"), self.weight, self.bias, self.eps, stats=stats)[0]
+        if x.dim() < 2:
+            raise ValueError(f"Expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
+        if self.num_batches_tracked % self.em_every == 0:
+            self._fit(x)
+        # The mixture is saved for backward: clone it, so a later in-place fit leaves the graph valid.
+        fit = Mixture(*(t.clone() for t in self._mixture("fit")))
+        y, batch = mixture_normalize(x, fit, self.weight, self.bias, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            unbiased = batch.var * batch.count / (batch.count - 1).clamp_min(1)
+            self.running_alpha.lerp_(batch.mean, self.momentum)
+            self.running_delta2.lerp_(unbiased, self.momentum)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
+                f"em_iters={self.em_iters}, em_every={self.em_every}, max_samples={self.max_samples}")

@@ -1,0 +1,128 @@
+"""Unsupervised Adaptive Normalization (UAN, Faye et al., IJCNN 2024; ALGORITHMS.md §4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adamatch_uan.norm.mixture import Mixture, mixture_normalize
+
+Inference = Literal["learned", "running"]
+
+
+def spread_means(num_components: int) -> Tensor:
+    """Standard-normal quantiles Φ⁻¹((k + ½)/K): K means spread over a normalized activation's range."""
+    levels = (torch.arange(num_components, dtype=torch.float64) + 0.5) / num_components
+    return torch.special.ndtri(levels).float()
+
+
+class UAN(nn.Module):
+    """The mixture transform of §2 with (λ, μ, σ²) learned by backpropagation.
+
+    Parameters are per (k, c); constraints hold by construction at every step:
+    λ = softmax_k(prior_logits) (Σ_k λ = 1) and σ² = softplus(raw_var) + min_var (σ² > 0).
+    At initialisation λ is uniform and the μ_k are the standard-normal quantiles
+    Φ⁻¹((k + ½)/K), with a common σ² chosen so that the mixture has variance 1.
+
+    Training uses batch statistics α_k, δ_k² (§2). Evaluation depends on ``inference``:
+    ``"learned"`` (the paper) puts α_k → μ_k and δ_k² → σ_k²; ``"running"`` uses running
+    averages of α_k and δ_k² (momentum as in BatchNorm; δ_k² is stored with the correction
+    S0/(S0 − 1), which is BatchNorm's n/(n − 1) at K = 1).
+
+    With ``num_contexts`` set, each context has its own λ_{ctx,k,c} (μ, σ² shared) and
+    ``forward(x, context)`` takes a per-sample context id (N,) (or one int for the batch);
+    without one, ``default_context`` (the source, 0) is used, in training and evaluation.
+
+    Args:
+        num_features: channels C.
+        num_components: mixture components K.
+        eps: ε added to δ_k² (and σ_k² in learned inference).
+        momentum: running-average momentum for ``inference="running"``.
+        inference: ``"learned"`` or ``"running"``.
+        num_contexts: number of context ids, or None for the plain unsupervised layer.
+        default_context: context id used when forward gets none.
+        affine: learn γ, β.
+        min_var: floor of σ².
+
+    Shape:
+        x: (N, C) or (N, C, *spatial); output has the same shape and dtype.
+    """
+
+    def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5,
+                 momentum: float = 0.1, inference: Inference = "learned", num_contexts: int | None = None,
+                 default_context: int = 0, affine: bool = True, min_var: float = 1e-3) -> None:
+        super().__init__()
+        if inference not in ("learned", "running"):
+            raise ValueError(f"Expected inference 'learned' or 'running', got {inference!r}")
+        if num_components < 1:
+            raise ValueError(f"Expected num_components >= 1, got {num_components}")
+        if num_contexts is not None and not 0 <= default_context < num_contexts:
+            raise ValueError(f"Expected default_context in [0, {num_contexts}), got {default_context}")
+        self.num_features, self.num_components = num_features, num_components
+        self.eps, self.momentum, self.inference, self.min_var = eps, momentum, inference, min_var
+        self.num_contexts, self.default_context = num_contexts, default_context
+        means = spread_means(num_components)
+        var = max(1.0 - float(means.pow(2).mean()), 2 * min_var)
+        K, C, G = num_components, num_features, num_contexts or 1
+        self.prior_logits = nn.Parameter(torch.zeros(G, K, C))
+        self.mean = nn.Parameter(means[:, None].repeat(1, C))
+        # softplus⁻¹(v) = log(expm1(v)) puts σ² at `var` initially.
+        self.raw_var = nn.Parameter(torch.full((K, C), var - min_var).expm1().log())
+        self.weight = nn.Parameter(torch.ones(C)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(C)) if affine else None
+        self.register_buffer("running_mean", self.mean.detach().clone())
+        self.register_buffer("running_var", torch.full((K, C), var))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def uses_context(self) -> bool:
+        """Whether forward reads a context id (backbones pass one only to such layers)."""
+        return self.num_contexts is not None
+
+    @property
+    def weights(self) -> Tensor:
+        """λ, (G, K, C), Σ_k λ = 1."""
+        return torch.softmax(self.prior_logits, dim=1)
+
+    @property
+    def var(self) -> Tensor:
+        """σ², (K, C), > min_var."""
+        return F.softplus(self.raw_var) + self.min_var
+
+    def mixture(self) -> Mixture:
+        return Mixture(torch.log_softmax(self.prior_logits, dim=1), self.mean, self.var)
+
+    def _context(self, context: Tensor | int | None, n: int, device: torch.device) -> Tensor | None:
+        if self.num_contexts is None:
+            if context is not None:
+                raise ValueError("Expected no context for a UAN layer without contexts; "
+                                 "build it with num_contexts to use one")
+            return None
+        if context is None:
+            context = self.default_context
+        if isinstance(context, int):
+            return torch.full((n,), context, dtype=torch.long, device=device)
+        return context
+
+    def forward(self, x: Tensor, context: Tensor | int | None = None) -> Tensor:
+        context = self._context(context, x.shape[0], x.device)
+        if self.training:
+            y, batch = mixture_normalize(x, self.mixture(), self.weight, self.bias, self.eps, context)
+            self._track(batch.count, batch.mean, batch.var)
+            return y
+        stats = (self.mean, self.var) if self.inference == "learned" else (self.running_mean, self.running_var)
+        return mixture_normalize(x, self.mixture(), self.weight, self.bias, self.eps, context, stats)[0]
+
+    @torch.no_grad()
+    def _track(self, count: Tensor, mean: Tensor, var: Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        unbiased = var * count / (count - 1).clamp_min(1)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
+                f"inference={self.inference!r}, num_contexts={self.num_contexts}")

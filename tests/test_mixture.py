@@ -1,0 +1,100 @@
+"""The mixture transform (ALGORITHMS.md §2) against its literal formula, on both backends."""
+
+import pytest
+import torch
+
+from adamatch_uan.norm import Mixture, mixture_normalize
+from adamatch_uan.norm.mixture import stats_from_sums
+
+from formulas import transform
+
+
+def random_problem(N=6, C=3, spatial=(4, 5), K=3, G=1, dtype=torch.float64):
+    x = torch.randn(N, C, *spatial, dtype=dtype) * 2 + 0.5
+    log_weight = torch.log_softmax(torch.randn(G, K, C, dtype=dtype), dim=1)
+    mean = torch.randn(K, C, dtype=dtype)
+    var = torch.rand(K, C, dtype=dtype) + 0.3
+    gamma = torch.randn(C, dtype=dtype)
+    beta = torch.randn(C, dtype=dtype)
+    context = torch.randint(0, G, (N,)) if G > 1 else None
+    return x, log_weight, mean, var, gamma, beta, context
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+@pytest.mark.parametrize("G", [1, 2])
+@pytest.mark.parametrize("spatial", [(), (4, 5), (2, 3, 2)])
+def test_forward_and_gradients_match_literal_formula(backend, G, spatial):
+    x, lw, mu, var, gamma, beta, context = random_problem(G=G, spatial=spatial)
+    ours, ref = leaves(x, lw, mu, var, gamma, beta), leaves(x, lw, mu, var, gamma, beta)
+    y, _ = mixture_normalize(ours[0], Mixture(*ours[1:4]), ours[4], ours[5], 1e-5, context)
+    y_ref = transform(*ref, 1e-5, context)
+    torch.testing.assert_close(y, y_ref)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    (y_ref * upstream).sum().backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_given_statistics_replace_batch_statistics(backend):
+    x, lw, mu, var, gamma, beta, _ = random_problem()
+    stats = (torch.randn(3, 3, dtype=x.dtype), torch.rand(3, 3, dtype=x.dtype))
+    y, batch = mixture_normalize(x, Mixture(lw, mu, var), gamma, beta, 1e-5, stats=stats)
+    assert batch is None
+    torch.testing.assert_close(y, transform(x, lw, mu, var, gamma, beta, 1e-5, stats=stats))
+
+
+def test_gradcheck_in_float64(backend):
+    x, lw, mu, var, gamma, beta, context = random_problem(N=4, C=2, spatial=(3,), G=2)
+    inputs = leaves(x, lw, mu, var, gamma, beta)
+    fn = lambda x, lw, mu, var, g, b: mixture_normalize(x, Mixture(lw, mu, var), g, b, 1e-5, context)[0]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_kernel_and_torch_backends_agree_in_float32_on_a_threaded_shape(monkeypatch):
+    from adamatch_uan.norm import kernel
+
+    if not kernel.kernel_available():
+        pytest.skip("no C++ compiler: the compiled kernel is unavailable")
+    x, lw, mu, var, gamma, beta, context = random_problem(N=32, C=8, spatial=(16, 16), G=2, dtype=torch.float32)
+    results = []
+    for uses in (None, False):
+        if uses is False:
+            monkeypatch.setattr(kernel, "_uses_kernel", lambda x, mu: False)
+        inputs = leaves(x, lw, mu, var, gamma, beta)
+        y, _ = mixture_normalize(inputs[0], Mixture(*inputs[1:4]), inputs[4], inputs[5], 1e-5, context)
+        y.pow(2).sum().backward()
+        results.append([y] + [t.grad for t in inputs])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sums_are_taken_about_a_shift_so_large_offsets_keep_precision(backend):
+    x = 1e4 + torch.randn(64, 2, 8, 8)
+    one = Mixture(torch.zeros(1, 1, 2), torch.full((1, 2), 1e4), torch.ones(1, 2))
+    _, batch = mixture_normalize(x, one, None, None, 1e-5)
+    torch.testing.assert_close(batch.var[0], x.double().var((0, 2, 3), unbiased=False).float(), rtol=1e-3, atol=0)
+
+
+def test_an_empty_component_yields_finite_statistics():
+    sums = torch.zeros(3, 2, 4)
+    sums[:, 0] = torch.tensor([5.0, 1.0, 3.0]).view(3, 1)
+    stats = stats_from_sums(sums, torch.full((4,), 7.0))
+    assert torch.isfinite(torch.stack(stats)).all()
+    torch.testing.assert_close(stats.mean[1], torch.full((4,), 7.0))
+
+
+def test_training_statistics_need_more_than_one_value_per_channel():
+    one = Mixture(torch.zeros(1, 1, 3), torch.zeros(1, 3), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        mixture_normalize(torch.randn(1, 3), one, None, None, 1e-5)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(5), torch.zeros(4, dtype=torch.float32), torch.tensor([0, 1, 2, 0])])
+def test_context_ids_are_validated(bad):
+    mix = Mixture(torch.zeros(2, 1, 3), torch.zeros(1, 3), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="context"):
+        mixture_normalize(torch.randn(4, 3), mix, None, None, 1e-5, bad)
