@@ -8,7 +8,8 @@ No public implementation exists; this one makes these choices:
 - Each fit is warm-started from the running mixture estimates; the very first fit starts
   from the subsample's quantiles (means) and variance / K (variances), with uniform weights.
 - A component whose mass falls below 1e-6 of the subsample keeps its previous estimates;
-  variances are floored at ``min_var``.
+  variances are floored at ``min_var`` and weights at ``min_weight`` (then renormalised),
+  because §2 scales component k by 1/sqrt(λ_k).
 - Running averages (momentum) of (λ, μ, σ²) and of (α, δ²) serve evaluation: τ from the
   running mixture, transform with the running α, δ².
 - Gradients flow through the transform (and through τ's dependence on x), never into EM.
@@ -28,17 +29,19 @@ _EMPTY_SHARE = 1e-6
 
 
 def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: int,
-           min_var: float) -> tuple[Tensor, Tensor, Tensor]:
+           min_var: float, min_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """EM for a 1-D Gaussian mixture per channel, started from (weight, mean, var).
 
     E-step: log τ_k = log λ_k + log N(x; μ_k, σ_k²) − logsumexp_j(·).
-    M-step: λ_k = mean τ_k, μ_k = Σ τ_k x / Σ τ_k, σ_k² = Σ τ_k (x − μ_k)² / Σ τ_k (≥ min_var).
+    M-step: λ_k = mean τ_k (≥ min_weight, renormalised), μ_k = Σ τ_k x / Σ τ_k,
+    σ_k² = Σ τ_k (x − μ_k)² / Σ τ_k (≥ min_var).
 
     Args:
         samples: (C, M) float32 values per channel.
         weight, mean, var: (K, C) starting estimates.
         iters: EM iterations.
         min_var: floor of σ².
+        min_weight: floor of λ.
 
     Returns:
         (weight, mean, var), each (K, C).
@@ -55,7 +58,7 @@ def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: in
         safe = mass.clamp_min(torch.finfo(mass.dtype).tiny)
         new_mean = (tau * x).sum(-1) / safe
         new_var = ((tau * (x - new_mean.unsqueeze(-1)) ** 2).sum(-1) / safe).clamp_min(min_var)
-        weight = mass / samples.shape[-1]
+        weight = (mass / samples.shape[-1]).clamp_min(min_weight)
         mean = torch.where(alive, new_mean, mean)
         var = torch.where(alive, new_var, var)
     return weight / weight.sum(0, keepdim=True), mean, var
@@ -82,6 +85,7 @@ class MixtureNorm(nn.Module):
         max_samples: at most this many positions per channel enter EM.
         affine: learn γ, β.
         min_var: floor of the EM variances.
+        min_weight: floor of the EM weights.
 
     Shape:
         x: (N, C) or (N, C, *spatial); output has the same shape and dtype.
@@ -89,13 +93,13 @@ class MixtureNorm(nn.Module):
 
     def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5, momentum: float = 0.1,
                  em_iters: int = 3, em_every: int = 1, max_samples: int = 4096, affine: bool = True,
-                 min_var: float = 1e-3) -> None:
+                 min_var: float = 1e-3, min_weight: float = 1e-6) -> None:
         super().__init__()
         if num_components < 1 or em_iters < 1 or em_every < 1 or max_samples < 2:
             raise ValueError(f"Expected num_components, em_iters, em_every >= 1 and max_samples >= 2, got "
                              f"{num_components}, {em_iters}, {em_every}, {max_samples}")
         self.num_features, self.num_components = num_features, num_components
-        self.eps, self.momentum, self.min_var = eps, momentum, min_var
+        self.eps, self.momentum, self.min_var, self.min_weight = eps, momentum, min_var, min_weight
         self.em_iters, self.em_every, self.max_samples = em_iters, em_every, max_samples
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
@@ -123,7 +127,8 @@ class MixtureNorm(nn.Module):
             start = quantile_start(values, self.num_components, self.min_var)
         else:
             start = (self.running_weight, self.running_mean, self.running_var)
-        fit = em_fit(values, *start, iters=self.em_iters, min_var=self.min_var)
+        fit = em_fit(values, *start, iters=self.em_iters, min_var=self.min_var,
+                     min_weight=self.min_weight)
         first = bool(self.num_fits == 0)
         for name, value in zip(("weight", "mean", "var"), fit):
             getattr(self, f"fit_{name}").copy_(value)

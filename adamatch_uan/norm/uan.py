@@ -23,7 +23,11 @@ class UAN(nn.Module):
     """The mixture transform of §2 with (λ, μ, σ²) learned by backpropagation.
 
     Parameters are per (k, c); constraints hold by construction at every step:
-    λ = softmax_k(prior_logits) (Σ_k λ = 1) and σ² = softplus(raw_var) + min_var (σ² > 0).
+    λ = w + (1 − K w) softmax_k(prior_logits) with w = ``min_weight`` (Σ_k λ = 1, λ ≥ w) and
+    σ² = softplus(raw_var) + min_var (σ² > 0). The floor w is a numerical guard, not in the
+    paper: §2 scales component k by 1/sqrt(λ_k), which overflows when a softmax weight
+    underflows; w = 1e-6 leaves every weight that matters unchanged (``min_weight=0`` gives
+    the plain softmax).
     At initialisation λ is uniform and the μ_k are the standard-normal quantiles
     Φ⁻¹((k + ½)/K), with a common σ² chosen so that the mixture has variance 1.
 
@@ -46,6 +50,7 @@ class UAN(nn.Module):
         default_context: context id used when forward gets none.
         affine: learn γ, β.
         min_var: floor of σ².
+        min_weight: floor of λ (a numerical guard; 0 for the plain softmax).
 
     Shape:
         x: (N, C) or (N, C, *spatial); output has the same shape and dtype.
@@ -53,16 +58,20 @@ class UAN(nn.Module):
 
     def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5,
                  momentum: float = 0.1, inference: Inference = "learned", num_contexts: int | None = None,
-                 default_context: int = 0, affine: bool = True, min_var: float = 1e-3) -> None:
+                 default_context: int = 0, affine: bool = True, min_var: float = 1e-3,
+                 min_weight: float = 1e-6) -> None:
         super().__init__()
         if inference not in ("learned", "running"):
             raise ValueError(f"Expected inference 'learned' or 'running', got {inference!r}")
         if num_components < 1:
             raise ValueError(f"Expected num_components >= 1, got {num_components}")
+        if not 0 <= min_weight * num_components < 1:
+            raise ValueError(f"Expected 0 <= min_weight < 1/num_components, got {min_weight}")
         if num_contexts is not None and not 0 <= default_context < num_contexts:
             raise ValueError(f"Expected default_context in [0, {num_contexts}), got {default_context}")
         self.num_features, self.num_components = num_features, num_components
-        self.eps, self.momentum, self.inference, self.min_var = eps, momentum, inference, min_var
+        self.eps, self.momentum, self.inference = eps, momentum, inference
+        self.min_var, self.min_weight = min_var, min_weight
         self.num_contexts, self.default_context = num_contexts, default_context
         means = spread_means(num_components)
         var = max(1.0 - float(means.pow(2).mean()), 2 * min_var)
@@ -84,8 +93,9 @@ class UAN(nn.Module):
 
     @property
     def weights(self) -> Tensor:
-        """λ, (G, K, C), Σ_k λ = 1."""
-        return torch.softmax(self.prior_logits, dim=1)
+        """λ, (G, K, C), Σ_k λ = 1, λ ≥ min_weight."""
+        K = self.num_components
+        return self.min_weight + (1 - K * self.min_weight) * torch.softmax(self.prior_logits, dim=1)
 
     @property
     def var(self) -> Tensor:
@@ -93,7 +103,9 @@ class UAN(nn.Module):
         return F.softplus(self.raw_var) + self.min_var
 
     def mixture(self) -> Mixture:
-        return Mixture(torch.log_softmax(self.prior_logits, dim=1), self.mean, self.var)
+        if self.min_weight == 0:
+            return Mixture(torch.log_softmax(self.prior_logits, dim=1), self.mean, self.var)
+        return Mixture(torch.log(self.weights), self.mean, self.var)
 
     def _context(self, context: Tensor | int | None, n: int, device: torch.device) -> Tensor | None:
         if self.num_contexts is None:
