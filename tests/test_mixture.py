@@ -98,3 +98,18 @@ def test_context_ids_are_validated(bad):
     mix = Mixture(torch.zeros(2, 1, 3), torch.zeros(1, 3), torch.ones(1, 3))
     with pytest.raises(ValueError, match="context"):
         mixture_normalize(torch.randn(4, 3), mix, None, None, 1e-5, bad)
+
+
+@pytest.mark.parametrize("spatial", [(), (3, 3)])
+def test_a_context_without_samples_gets_zero_gradient(backend, spatial):
+    x, lw, mu, var, gamma, beta, _ = random_problem(G=3, spatial=spatial)
+    context = torch.tensor([0, 2, 2, 0, 0, 2])
+    ours, ref = leaves(x, lw, mu, var, gamma, beta), leaves(x, lw, mu, var, gamma, beta)
+    y, _ = mixture_normalize(ours[0], Mixture(*ours[1:4]), ours[4], ours[5], 1e-5, context)
+    y_ref = transform(*ref, 1e-5, context)
+    torch.testing.assert_close(y, y_ref)
+    (y.sin().sum()).backward()
+    (y_ref.sin().sum()).backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert ours[1].grad[1].abs().max() == 0

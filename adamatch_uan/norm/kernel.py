@@ -7,8 +7,9 @@ Every pass takes ``x`` of shape (N, C, P) and a per-channel 1-D Gaussian mixture
 
 - ``stats``: S (3, K, C) = sums over positions of tau_k * {1, x - shift, (x - shift)^2}.
 - ``apply``: y = beta + sum_k tau_k A[g, k] (x - alpha_k).
-- ``apply_backward`` and ``stats_backward``: the input gradient and the per-group
-  reductions from which the caller forms every parameter gradient (see ``mixture.py``).
+- ``apply_backward`` and ``stats_backward``: the input gradient (the second adds its part
+  to the first's) and the per-group reductions from which the caller forms every
+  parameter gradient (see ``mixture.py``).
 
 The compiled kernel (``mixture_kernel.cpp``) recomputes tau in registers in each pass, so a
 pass reads x once; it is built with the system C++ compiler on first use and cached in
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("mixture_kernel.cpp")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
           "-fassociative-math", "-std=c++17", "-shared", "-fPIC"]
 # Below this many elements a pass is cheaper on one thread than handing it to the pool.
 _PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -112,6 +113,10 @@ def _run(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Te
          shift: Tensor | None = None, alpha: Tensor | None = None, A: Tensor | None = None,
          beta: Tensor | None = None, dS: Tensor | None = None, need_param_grads: bool = False) -> None:
     N, C, P = x.shape
+    if P == 1 and N > 1:
+        _run_transposed(name, x, ctx, mu, h, lc, out=out, red=red, grad=grad, shift=shift, alpha=alpha,
+                        A=A, beta=beta, dS=dS, need_param_grads=need_param_grads)
+        return
     keep = [t.contiguous() if t is not None else None for t in (x, ctx, grad, mu, h, lc, shift, alpha, A, beta, dS)]
     x, ctx, grad, mu, h, lc, shift, alpha, A, beta, dS = keep
     args = _MixArgs(_ptr(x), _ptr(ctx), _ptr(grad), N, C, P, mu.shape[0], lc.shape[0],
@@ -127,6 +132,28 @@ def _run(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Te
     codes = [fn(is_double, ctypes.byref(args), bounds[0], bounds[1])] + [f.result() for f in futures]
     if any(codes):
         raise RuntimeError(f"mixture kernel {name} failed with codes {codes}")
+
+
+def _run_transposed(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Tensor, *,
+                    out: Tensor | None, red: Tensor | None, grad: Tensor | None, A: Tensor | None,
+                    **tables) -> None:
+    """(N, C, 1) inputs: each group's samples become one row per channel, (1, C, N_g), so the
+    kernel's SIMD loop runs along the batch instead of over rows of length 1."""
+    groups = [(0, slice(None))] if ctx is None else [(g, (ctx == g).nonzero().squeeze(1)) for g in range(lc.shape[0])]
+    for g, rows in groups:
+        if isinstance(rows, Tensor) and rows.numel() == 0:
+            continue
+        as_row = lambda t: None if t is None else t[rows, :, 0].t().contiguous().unsqueeze(0)
+        out_g = as_row(out)
+        red_g = None if red is None else torch.zeros_like(red if red.dim() == 3 else red[:, :1])
+        _run(name, as_row(x), None, mu, h, lc[g:g + 1], out=out_g, red=red_g, grad=as_row(grad),
+             A=None if A is None else A[g:g + 1], **tables)
+        if out is not None:
+            out[rows, :, 0] = out_g[0].t()
+        if red is not None and red.dim() == 3:
+            red += red_g  # stats: sums pooled over groups
+        elif red is not None:
+            red[:, g] = red_g[:, 0]
 
 
 # ---- torch-ops backend: the same passes, materialising (N, K, C, P) tensors ----
@@ -151,7 +178,7 @@ def _logit_reductions(dl: Tensor, d: Tensor, ctx: Tensor | None, groups: int) ->
 def stats(x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Tensor, shift: Tensor) -> Tensor:
     """Shifted sums S (3, K, C) of the responsibilities over all positions."""
     if _uses_kernel(x, mu):
-        S = x.new_empty(3, *mu.shape)
+        S = x.new_zeros(3, *mu.shape)
         _run("mix_stats", x, ctx, mu, h, lc, red=S, shift=shift)
         return S
     tau, _ = _responsibilities(x, ctx, mu, h, lc)
@@ -195,19 +222,19 @@ def apply_backward(gy: Tensor, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Ten
 
 
 def stats_backward(dS: Tensor, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Tensor,
-                   shift: Tensor, need_param_grads: bool) -> tuple[Tensor, Tensor]:
-    """Input gradient and reductions (3, G, K, C) of sum dl * (x - mu)^i, given dS (3, K, C)."""
+                   shift: Tensor, need_param_grads: bool, dx: Tensor) -> Tensor:
+    """Add the input gradient to ``dx`` in place; return the reductions (3, G, K, C) of
+    sum dl * (x - mu)^i, given dS (3, K, C)."""
     G = lc.shape[0]
     if _uses_kernel(x, mu):
-        dx = torch.empty_like(x)
         red = x.new_zeros(3, G, *mu.shape)
         _run("mix_stats_backward", x, ctx, mu, h, lc, out=dx, red=red, shift=shift, dS=dS,
              need_param_grads=need_param_grads)
-        return dx, red
+        return red
     tau, d = _responsibilities(x, ctx, mu, h, lc)
     xt = (x - shift.view(1, -1, 1)).unsqueeze(1)
     d0, d1, d2 = (t.unsqueeze(-1) for t in dS)
     e = d0 + (d1 + d2 * xt) * xt
     dl = tau * (e - (tau * e).sum(1, keepdim=True))
-    dx = (tau * (d1 + 2 * d2 * xt)).sum(1) - 2 * (dl * h.unsqueeze(-1) * d).sum(1)
-    return dx, torch.stack(_logit_reductions(dl, d, ctx, G))
+    dx += (tau * (d1 + 2 * d2 * xt)).sum(1) - 2 * (dl * h.unsqueeze(-1) * d).sum(1)
+    return torch.stack(_logit_reductions(dl, d, ctx, G))

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 from adamatch_uan.norm import kernel
 
@@ -55,37 +56,9 @@ class BatchStats(NamedTuple):
     var: Tensor
 
 
-def _logit_terms(mixture: Mixture) -> tuple[Tensor, Tensor]:
+def _logit_terms(log_weight: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """h = 1/(2σ²) and lc = log λ − ½ log(2πσ²): log λ_k N(x; μ_k, σ_k²) = lc_k − h_k (x − μ_k)²."""
-    return 0.5 / mixture.var, mixture.log_weight - 0.5 * torch.log(2 * math.pi * mixture.var)
-
-
-class _Sums(Function):
-    @staticmethod
-    def forward(ctx, x, context, mu, h, lc, shift):
-        ctx.save_for_backward(x, context, mu, h, lc, shift)
-        return kernel.stats(x, context, mu, h, lc, shift)
-
-    @staticmethod
-    def backward(ctx, dS):
-        x, context, mu, h, lc, shift = ctx.saved_tensors
-        need = any(ctx.needs_input_grad[2:5])
-        dx, (L0, R1, R2) = kernel.stats_backward(dS.contiguous(), x, context, mu, h, lc, shift, need)
-        return dx, None, 2 * h * R1.sum(0), -R2.sum(0), L0, None
-
-
-class _Apply(Function):
-    @staticmethod
-    def forward(ctx, x, context, mu, h, lc, alpha, A, beta):
-        ctx.save_for_backward(x, context, mu, h, lc, alpha, A)
-        return kernel.apply(x, context, mu, h, lc, alpha, A, beta)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, context, mu, h, lc, alpha, A = ctx.saved_tensors
-        need = any(ctx.needs_input_grad[2:5])
-        dx, (E0, E1, L0, R1, R2) = kernel.apply_backward(gy.contiguous(), x, context, mu, h, lc, alpha, A, need)
-        return dx, None, 2 * h * R1.sum(0), -R2.sum(0), L0, -(A * E0).sum(0), E1, E0.sum((0, 1))
+    return 0.5 / var, log_weight - 0.5 * torch.log(2 * math.pi * var)
 
 
 def stats_from_sums(sums: Tensor, shift: Tensor) -> BatchStats:
@@ -97,6 +70,61 @@ def stats_from_sums(sums: Tensor, shift: Tensor) -> BatchStats:
     safe = count.clamp_min(torch.finfo(sums.dtype).tiny ** 0.5)
     m1 = sums[1] / safe
     return BatchStats(count, shift + m1, (sums[2] / safe - m1 * m1).clamp_min(0))
+
+
+class _Transform(Function):
+    """Both passes of §2 as one autograd node.
+
+    The (K, C)-sized maths between the passes (sums → α, δ² → per-component scales) is built
+    as a small graph on detached leaves and differentiated with a nested autograd call in
+    backward, so the two full-size backward passes write one input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, context, eps, log_weight, mean, var, weight, bias, alpha_in, delta2_in):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if t is not None else None
+                      for t in (log_weight, mean, var, weight, bias, alpha_in, delta2_in)]
+            lw, mu, var_, gamma, beta, alpha, delta2 = leaves
+            h, lc = _logit_terms(lw, var_)
+            sums = shift = None
+            if alpha is None:
+                shift = x[0, :, 0]
+                sums = kernel.stats(x, context, mu.detach(), h.detach(), lc.detach(), shift).requires_grad_()
+                count, alpha, delta2 = stats_from_sums(sums, shift)
+            A = gamma * torch.exp(-0.5 * lw) * torch.rsqrt(delta2 + eps)
+        y = kernel.apply(x, context, mu.detach(), h.detach(), lc.detach(), alpha.detach(), A.detach(), beta.detach())
+        ctx.save_for_backward(x, context)
+        ctx.graph = (leaves, sums, shift, h, lc, alpha, A)
+        if sums is None:
+            return y
+        stats = (count.detach(), alpha.detach(), delta2.detach())
+        ctx.mark_non_differentiable(*stats)
+        return y, *stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, *unused):
+        x, context = ctx.saved_tensors
+        leaves, sums, shift, h, lc, alpha, A = ctx.graph
+        mu = leaves[1]
+        need_mixture = any(ctx.needs_input_grad[3:6])
+        plain = [t.detach() for t in (mu, h, lc)]
+        dx, (E0, E1, L0, R1, R2) = kernel.apply_backward(gy.contiguous(), x, context, *plain,
+                                                         alpha.detach(), A.detach(), need_mixture)
+        g_alpha = -(A.detach() * E0).sum(0)
+        g_h, g_lc, g_mu = -R2.sum(0), L0, 2 * plain[1] * R1.sum(0)
+        if sums is not None:
+            (dS,) = torch.autograd.grad([alpha, A], [sums], [g_alpha, E1], retain_graph=True)
+            L0s, R1s, R2s = kernel.stats_backward(dS.contiguous(), x, context, *plain, shift, need_mixture, dx)
+            g_h, g_lc, g_mu = g_h - R2s.sum(0), g_lc + L0s, g_mu + 2 * plain[1] * R1s.sum(0)
+        outputs = [h, lc, mu, A, leaves[4]] + ([alpha] if sums is None else [])
+        grads = [g_h, g_lc, g_mu, E1, E0.sum((0, 1))] + ([g_alpha] if sums is None else [])
+        inputs = [t for t in leaves if t is not None]
+        # The small graph is kept (retain_graph) so the node can be backpropagated again,
+        # as the outer graph allows with retain_graph=True.
+        found = iter(torch.autograd.grad(outputs, inputs, grads, allow_unused=True, retain_graph=True))
+        return dx, None, None, *(next(found) if t is not None else None for t in leaves)
 
 
 def _validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
@@ -143,18 +171,10 @@ def mixture_normalize(x: Tensor, mixture: Mixture, weight: Tensor | None, bias: 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         x3 = x.reshape(n, c, -1).to(compute).contiguous()
-        mu, var = mixture.mean.to(compute), mixture.var.to(compute)
-        log_weight = mixture.log_weight.to(compute)
-        h, lc = _logit_terms(Mixture(log_weight, mu, var))
-        if stats is None:
-            shift = x3[0, :, 0].detach()
-            batch = stats_from_sums(_Sums.apply(x3, context, mu, h, lc, shift), shift)
-            alpha, delta2 = batch.mean, batch.var
-        else:
-            batch = None
-            alpha, delta2 = (s.to(compute) for s in stats)
-        gamma = weight.to(compute) if weight is not None else torch.ones(c, dtype=compute, device=x.device)
-        beta = bias.to(compute) if bias is not None else torch.zeros(c, dtype=compute, device=x.device)
-        A = gamma * torch.exp(-0.5 * log_weight) * torch.rsqrt(delta2 + eps)
-        y = _Apply.apply(x3, context, mu, h, lc, alpha, A, beta)
+        gamma = weight if weight is not None else torch.ones(c, device=x.device)
+        beta = bias if bias is not None else torch.zeros(c, device=x.device)
+        given = (None, None) if stats is None else stats
+        tensors = [t.to(compute) for t in (*mixture, gamma, beta)] + [t if t is None else t.to(compute) for t in given]
+        out = _Transform.apply(x3, context, eps, *tensors)
+    y, batch = (out, None) if stats is not None else (out[0], BatchStats(*out[1:]))
     return y.reshape(x.shape).to(x.dtype), batch

@@ -8,17 +8,30 @@
 // Each pass recomputes tau in registers instead of storing a (N, K, C, P) tensor, so the
 // layer reads x once per pass, as BatchNorm does. Channels are independent: the caller
 // splits [0, C) between threads.
+//
+// Positions are processed in blocks of one vector register (L lanes) with per-lane
+// accumulators kept across rows, so short rows (small P) pay no horizontal reduction per
+// row; lanes are flushed into double totals every few rows and whenever the group changes.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+// gcc's inliner gives up on some K in these deep loops; a call in the SIMD loop makes it
+// scalar (30x slower), so the per-element helpers are always inlined.
+#define MIX_INLINE inline __attribute__((always_inline))
+// Loops over components are unrolled so per-element arrays (t[K], ...) live in registers.
+#define MIX_UNROLL _Pragma("GCC unroll 8")
+// Each pass is compiled on its own: inlined into the dispatch switch, some K lose SIMD.
+#define MIX_PASS __attribute__((noinline))
 
 namespace {
 
 struct MixArgs {
   const void* x;         // (N, C, P) input
   const int64_t* ctx;    // (N,) group ids, or null for group 0
-  const void* grad;      // (N, C, P) upstream gradient (backward passes)
+  const void* grad;      // (N, C, P) upstream gradient (apply backward)
   int64_t N, C, P, K, G;
   const void* mu;        // (K, C)
   const void* h;         // (K, C)
@@ -28,14 +41,19 @@ struct MixArgs {
   const void* A;         // (G, K, C) component scales used by the output map
   const void* beta;      // (C,)
   const void* dS;        // (3, K, C) gradient of the sums (stats backward)
-  void* out;             // (N, C, P) output or input gradient
+  void* out;             // (N, C, P) output, or input gradient (stats backward adds to it)
   void* red;             // reductions, layout (R, G, K, C)
   int64_t need_param_grads;
 };
 
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+// Rows summed in lanes before a flush to double: bounds float accumulation error.
+constexpr int kFlushRows = 8;
+
 // exp for arguments <= 0 (logits minus their max). Cephes-style polynomial that gcc
 // vectorizes; relative error ~1e-7, below float32 resolution of the softmax.
-inline float vexp(float x) {
+MIX_INLINE float vexp(float x) {
   x = x < -87.0f ? -87.0f : x;
   float fx = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
@@ -48,229 +66,276 @@ inline float vexp(float x) {
   std::memcpy(&scale, &bits, sizeof(float));
   return y * scale;
 }
-inline double vexp(double x) { return std::exp(x); }
+MIX_INLINE double vexp(double x) { return std::exp(x); }
 
 template <typename T, int K>
-inline void responsibilities(T xv, const T* m, const T* hh, const T* l0, T* t) {
+MIX_INLINE void responsibilities(T xv, const T* m, const T* hh, const T* l0, T* t) {
   T l[K];
   T mx = l0[0] - hh[0] * (xv - m[0]) * (xv - m[0]);
   l[0] = mx;
+  MIX_UNROLL
   for (int k = 1; k < K; ++k) {
     T d = xv - m[k];
     l[k] = l0[k] - hh[k] * d * d;
     mx = l[k] > mx ? l[k] : mx;
   }
   T s = 0;
+  MIX_UNROLL
   for (int k = 0; k < K; ++k) {
     t[k] = vexp(l[k] - mx);
     s += t[k];
   }
   T inv = T(1) / s;
+  MIX_UNROLL
   for (int k = 0; k < K; ++k) t[k] *= inv;
 }
+
+// Calls f(p, j) for p in [0, P), j = p mod L: full blocks as one SIMD loop, then the tail.
+template <int L, typename F>
+MIX_INLINE void for_positions(int64_t P, F&& f) {
+  int64_t p = 0;
+  for (; p + L <= P; p += L) {
+#pragma omp simd
+    for (int j = 0; j < L; ++j) f(p + j, j);
+  }
+  for (int j = 0; p + j < P; ++j) f(p + j, j);
+}
+
+// Per-lane accumulators of R quantities per component, flushed into double totals
+// laid out (R, G, K).
+template <typename T, int R, int K>
+struct Lanes {
+  static constexpr int L = kLanes<T>;
+  alignas(64) T v[R * K * L];
+  std::vector<double> total;
+  int64_t G, group = -1;
+  int rows = 0;
+  explicit Lanes(int64_t groups) : total(R * groups * K), G(groups) {}
+  void reset() {
+    std::fill(total.begin(), total.end(), 0.0);
+    std::fill(v, v + R * K * L, T(0));
+    group = -1;
+    rows = 0;
+  }
+  void row(int64_t g) {
+    if (g != group || rows == kFlushRows) flush();
+    group = g;
+    ++rows;
+  }
+  void flush() {
+    if (group >= 0)
+      for (int r = 0; r < R; ++r)
+        MIX_UNROLL
+        for (int k = 0; k < K; ++k) {
+          double s = 0;
+          for (int j = 0; j < L; ++j) s += v[(r * K + k) * L + j];
+          total[(r * G + group) * K + k] += s;
+        }
+    std::fill(v, v + R * K * L, T(0));
+    rows = 0;
+  }
+  T* at(int r, int k) { return v + (r * K + k) * L; }
+  // Writes the totals of channel c into red laid out (R, G, K, C).
+  void store(void* red, int64_t c, int64_t C) {
+    flush();
+    T* out = static_cast<T*>(red);
+    for (int r = 0; r < R; ++r)
+      for (int64_t g = 0; g < G; ++g)
+        MIX_UNROLL
+        for (int k = 0; k < K; ++k)
+          out[((r * G + g) * K + k) * C + c] = static_cast<T>(total[(r * G + g) * K + k]);
+  }
+};
 
 // Per-channel constants gathered once so the inner loop touches only registers.
 template <typename T, int K>
 struct Channel {
   T m[K], hh[K];
-  int64_t c, C, G;
   const MixArgs& a;
-  Channel(const MixArgs& args, int64_t ch) : c(ch), C(args.C), G(args.G), a(args) {
+  int64_t c;
+  Channel(const MixArgs& args, int64_t ch) : a(args), c(ch) {
+    MIX_UNROLL
     for (int k = 0; k < K; ++k) {
-      m[k] = static_cast<const T*>(a.mu)[k * C + c];
-      hh[k] = static_cast<const T*>(a.h)[k * C + c];
+      m[k] = static_cast<const T*>(a.mu)[k * a.C + c];
+      hh[k] = static_cast<const T*>(a.h)[k * a.C + c];
     }
   }
   int64_t group(int64_t n) const { return a.ctx ? a.ctx[n] : 0; }
-  void group_table(const void* table, int64_t g, T* dst) const {
-    for (int k = 0; k < K; ++k) dst[k] = static_cast<const T*>(table)[(g * K + k) * C + c];
+  // table laid out (R, K, C): row r of channel c.
+  void table(const void* t, int64_t r, T* dst) const {
+    MIX_UNROLL
+    for (int k = 0; k < K; ++k) dst[k] = static_cast<const T*>(t)[(r * K + k) * a.C + c];
   }
-  void kc_table(const void* table, int64_t r, T* dst) const {
-    for (int k = 0; k < K; ++k) dst[k] = static_cast<const T*>(table)[(r * K + k) * C + c];
-  }
-  void store(std::vector<double>& acc, int R) const {
-    T* red = static_cast<T*>(a.red);
-    for (int r = 0; r < R; ++r)
-      for (int64_t g = 0; g < G; ++g)
-        for (int k = 0; k < K; ++k)
-          red[((r * G + g) * K + k) * C + c] = static_cast<T>(acc[(r * G + g) * K + k]);
-  }
+  const T* row(const void* base, int64_t n) const { return static_cast<const T*>(base) + (n * a.C + c) * a.P; }
+  T* row(void* base, int64_t n) const { return static_cast<T*>(base) + (n * a.C + c) * a.P; }
 };
 
-// S[0|1|2, k, c] = sum tau_k * {1, xt, xt^2}, xt = x - shift[c].
+// red (3, 1, K, C) = sums of tau_k * {1, xt, xt^2}, xt = x - shift[c].
 template <typename T, int K>
-void stats(const MixArgs& a, int64_t c0, int64_t c1) {
-  const T* x = static_cast<const T*>(a.x);
-  std::vector<double> acc(3 * K);
+MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
+  constexpr int L = kLanes<T>;
+  Lanes<T, 3, K> acc(1);
   for (int64_t c = c0; c < c1; ++c) {
     Channel<T, K> ch(a, c);
     const T sh = static_cast<const T*>(a.shift)[c];
-    std::fill(acc.begin(), acc.end(), 0.0);
+    acc.reset();
     for (int64_t n = 0; n < a.N; ++n) {
-      T l0[K], a0[K] = {}, a1[K] = {}, a2[K] = {};
-      ch.group_table(a.lc, ch.group(n), l0);
-      const T* xr = x + (n * a.C + c) * a.P;
-      for (int64_t p = 0; p < a.P; ++p) {
+      T l0[K];
+      ch.table(a.lc, ch.group(n), l0);
+      acc.row(0);
+      const T* __restrict__ xr = ch.row(a.x, n);
+      T* __restrict__ s0 = acc.at(0, 0);
+      for_positions<L>(a.P, [=](int64_t p, int j) {
         T t[K];
         responsibilities<T, K>(xr[p], ch.m, ch.hh, l0, t);
         T xt = xr[p] - sh;
+        MIX_UNROLL
         for (int k = 0; k < K; ++k) {
-          a0[k] += t[k];
-          a1[k] += t[k] * xt;
-          a2[k] += t[k] * xt * xt;
+          s0[k * L + j] += t[k];
+          s0[(K + k) * L + j] += t[k] * xt;
+          s0[(2 * K + k) * L + j] += t[k] * xt * xt;
         }
-      }
-      for (int k = 0; k < K; ++k) {
-        acc[k] += a0[k];
-        acc[K + k] += a1[k];
-        acc[2 * K + k] += a2[k];
-      }
+      });
     }
-    T* S = static_cast<T*>(a.red);
-    for (int r = 0; r < 3; ++r)
-      for (int k = 0; k < K; ++k) S[(r * K + k) * a.C + c] = static_cast<T>(acc[r * K + k]);
+    acc.store(a.red, c, a.C);
   }
 }
 
 // y = beta + sum_k tau_k * A[g,k] * (x - alpha_k)
 template <typename T, int K>
-void apply(const MixArgs& a, int64_t c0, int64_t c1) {
-  const T* x = static_cast<const T*>(a.x);
-  T* y = static_cast<T*>(a.out);
+MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
+  constexpr int L = kLanes<T>;
   for (int64_t c = c0; c < c1; ++c) {
     Channel<T, K> ch(a, c);
     T al[K];
-    ch.kc_table(a.alpha, 0, al);
+    ch.table(a.alpha, 0, al);
     const T b = static_cast<const T*>(a.beta)[c];
     for (int64_t n = 0; n < a.N; ++n) {
       int64_t g = ch.group(n);
       T l0[K], Ag[K];
-      ch.group_table(a.lc, g, l0);
-      ch.group_table(a.A, g, Ag);
-      const T* xr = x + (n * a.C + c) * a.P;
-      T* yr = y + (n * a.C + c) * a.P;
-      for (int64_t p = 0; p < a.P; ++p) {
+      ch.table(a.lc, g, l0);
+      ch.table(a.A, g, Ag);
+      const T* __restrict__ xr = ch.row(a.x, n);
+      T* __restrict__ yr = ch.row(a.out, n);
+      for_positions<L>(a.P, [=](int64_t p, int) {
         T t[K];
         T xv = xr[p];
         responsibilities<T, K>(xv, ch.m, ch.hh, l0, t);
         T s = b;
+        MIX_UNROLL
         for (int k = 0; k < K; ++k) s += t[k] * Ag[k] * (xv - al[k]);
         yr[p] = s;
-      }
+      });
     }
   }
 }
 
 // Backward of apply. red (5, G, K, C): E0 = sum g tau, E1 = sum g tau (x - alpha),
 // L0 = sum dl, R1 = sum dl (x - mu), R2 = sum dl (x - mu)^2 with dl = d loss / d logit.
-template <typename T, int K>
-void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* gy = static_cast<const T*>(a.grad);
-  T* dx = static_cast<T*>(a.out);
-  const bool params = a.need_param_grads != 0;
-  std::vector<double> acc(5 * a.G * K);
+// Without need_param_grads only E0, E1 are reduced (the last three stay 0).
+template <typename T, int K, bool Params>
+MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
+  constexpr int L = kLanes<T>;
+  Lanes<T, 5, K> acc(a.G);
   for (int64_t c = c0; c < c1; ++c) {
     Channel<T, K> ch(a, c);
     T al[K];
-    ch.kc_table(a.alpha, 0, al);
-    std::fill(acc.begin(), acc.end(), 0.0);
+    ch.table(a.alpha, 0, al);
+    acc.reset();
     for (int64_t n = 0; n < a.N; ++n) {
       int64_t g = ch.group(n);
       T l0[K], Ag[K];
-      ch.group_table(a.lc, g, l0);
-      ch.group_table(a.A, g, Ag);
-      const int64_t off = (n * a.C + c) * a.P;
-      T e0[K] = {}, e1[K] = {}, q0[K] = {}, q1[K] = {}, q2[K] = {};
-      for (int64_t p = 0; p < a.P; ++p) {
+      ch.table(a.lc, g, l0);
+      ch.table(a.A, g, Ag);
+      acc.row(g);
+      const T* __restrict__ xr = ch.row(a.x, n);
+      const T* __restrict__ gr = ch.row(a.grad, n);
+      T* __restrict__ dxr = ch.row(a.out, n);
+      T* __restrict__ s = acc.at(0, 0);
+      for_positions<L>(a.P, [=](int64_t p, int j) {
         T t[K], u[K];
-        T xv = x[off + p], gv = gy[off + p];
+        T xv = xr[p], gv = gr[p];
         responsibilities<T, K>(xv, ch.m, ch.hh, l0, t);
         T yhat = 0, direct = 0;
+        MIX_UNROLL
         for (int k = 0; k < K; ++k) {
           u[k] = Ag[k] * (xv - al[k]);
           yhat += t[k] * u[k];
           direct += t[k] * Ag[k];
         }
         T through_logits = 0;
+        MIX_UNROLL
         for (int k = 0; k < K; ++k) {
           T gt = gv * t[k];
           T dl = gt * (u[k] - yhat);
           T d = xv - ch.m[k];
-          e0[k] += gt;
-          e1[k] += gt * (xv - al[k]);
-          q0[k] += dl;
-          q1[k] += dl * d;
-          q2[k] += dl * d * d;
+          s[k * L + j] += gt;
+          s[(K + k) * L + j] += gt * (xv - al[k]);
+          if (Params) {
+            s[(2 * K + k) * L + j] += dl;
+            s[(3 * K + k) * L + j] += dl * d;
+            s[(4 * K + k) * L + j] += dl * d * d;
+          }
           through_logits += dl * ch.hh[k] * d;
         }
-        dx[off + p] = gv * direct - T(2) * through_logits;
-      }
-      for (int k = 0; k < K; ++k) {
-        acc[(0 * a.G + g) * K + k] += e0[k];
-        acc[(1 * a.G + g) * K + k] += e1[k];
-        if (params) {
-          acc[(2 * a.G + g) * K + k] += q0[k];
-          acc[(3 * a.G + g) * K + k] += q1[k];
-          acc[(4 * a.G + g) * K + k] += q2[k];
-        }
-      }
+        dxr[p] = gv * direct - T(2) * through_logits;
+      });
     }
-    ch.store(acc, 5);
+    acc.store(a.red, c, a.C);
   }
 }
 
-// Backward of stats given dS (3, K, C). red (3, G, K, C): L0, R1, R2 as in apply_backward.
-template <typename T, int K>
-void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
-  const T* x = static_cast<const T*>(a.x);
-  T* dx = static_cast<T*>(a.out);
-  const bool params = a.need_param_grads != 0;
-  std::vector<double> acc(3 * a.G * K);
+// Backward of stats given dS (3, K, C); adds the input gradient to `out` (apply_backward's
+// result), so the layer writes one input-gradient tensor. red (3, G, K, C): L0, R1, R2 as in
+// apply_backward (0 without need_param_grads).
+template <typename T, int K, bool Params>
+MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
+  constexpr int L = kLanes<T>;
+  Lanes<T, 3, K> acc(a.G);
   for (int64_t c = c0; c < c1; ++c) {
     Channel<T, K> ch(a, c);
     T d0[K], d1[K], d2[K];
-    ch.kc_table(a.dS, 0, d0);
-    ch.kc_table(a.dS, 1, d1);
-    ch.kc_table(a.dS, 2, d2);
+    ch.table(a.dS, 0, d0);
+    ch.table(a.dS, 1, d1);
+    ch.table(a.dS, 2, d2);
     const T sh = static_cast<const T*>(a.shift)[c];
-    std::fill(acc.begin(), acc.end(), 0.0);
+    acc.reset();
     for (int64_t n = 0; n < a.N; ++n) {
       int64_t g = ch.group(n);
       T l0[K];
-      ch.group_table(a.lc, g, l0);
-      const int64_t off = (n * a.C + c) * a.P;
-      T q0[K] = {}, q1[K] = {}, q2[K] = {};
-      for (int64_t p = 0; p < a.P; ++p) {
+      ch.table(a.lc, g, l0);
+      acc.row(g);
+      const T* __restrict__ xr = ch.row(a.x, n);
+      T* __restrict__ dxr = ch.row(a.out, n);
+      T* __restrict__ s = acc.at(0, 0);
+      for_positions<L>(a.P, [=](int64_t p, int j) {
         T t[K], e[K];
-        T xv = x[off + p];
+        T xv = xr[p];
         responsibilities<T, K>(xv, ch.m, ch.hh, l0, t);
         T xt = xv - sh;
         T ebar = 0, direct = 0;
+        MIX_UNROLL
         for (int k = 0; k < K; ++k) {
           e[k] = d0[k] + (d1[k] + d2[k] * xt) * xt;
           ebar += t[k] * e[k];
           direct += t[k] * (d1[k] + T(2) * d2[k] * xt);
         }
         T through_logits = 0;
+        MIX_UNROLL
         for (int k = 0; k < K; ++k) {
           T dl = t[k] * (e[k] - ebar);
           T d = xv - ch.m[k];
-          q0[k] += dl;
-          q1[k] += dl * d;
-          q2[k] += dl * d * d;
+          if (Params) {
+            s[k * L + j] += dl;
+            s[(K + k) * L + j] += dl * d;
+            s[(2 * K + k) * L + j] += dl * d * d;
+          }
           through_logits += dl * ch.hh[k] * d;
         }
-        dx[off + p] = direct - T(2) * through_logits;
-      }
-      if (params)
-        for (int k = 0; k < K; ++k) {
-          acc[(0 * a.G + g) * K + k] += q0[k];
-          acc[(1 * a.G + g) * K + k] += q1[k];
-          acc[(2 * a.G + g) * K + k] += q2[k];
-        }
+        dxr[p] += direct - T(2) * through_logits;
+      });
     }
-    ch.store(acc, 3);
+    acc.store(a.red, c, a.C);
   }
 }
 
@@ -279,9 +344,17 @@ struct StatsPass { static void run(const MixArgs& a, int64_t c0, int64_t c1) { s
 template <typename T, int K>
 struct ApplyPass { static void run(const MixArgs& a, int64_t c0, int64_t c1) { apply<T, K>(a, c0, c1); } };
 template <typename T, int K>
-struct ApplyBackwardPass { static void run(const MixArgs& a, int64_t c0, int64_t c1) { apply_backward<T, K>(a, c0, c1); } };
+struct ApplyBackwardPass {
+  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.need_param_grads ? apply_backward<T, K, true>(a, c0, c1) : apply_backward<T, K, false>(a, c0, c1);
+  }
+};
 template <typename T, int K>
-struct StatsBackwardPass { static void run(const MixArgs& a, int64_t c0, int64_t c1) { stats_backward<T, K>(a, c0, c1); } };
+struct StatsBackwardPass {
+  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.need_param_grads ? stats_backward<T, K, true>(a, c0, c1) : stats_backward<T, K, false>(a, c0, c1);
+  }
+};
 
 template <typename T, template <typename, int> class Pass>
 int run_k(const MixArgs& a, int64_t c0, int64_t c1) {
@@ -306,7 +379,6 @@ int run(int is_double, const MixArgs* a, int64_t c0, int64_t c1) {
 }  // namespace
 
 extern "C" {
-int mix_max_components() { return 8; }
 int mix_stats(int is_double, const MixArgs* a, int64_t c0, int64_t c1) { return run<StatsPass>(is_double, a, c0, c1); }
 int mix_apply(int is_double, const MixArgs* a, int64_t c0, int64_t c1) { return run<ApplyPass>(is_double, a, c0, c1); }
 int mix_apply_backward(int is_double, const MixArgs* a, int64_t c0, int64_t c1) { return run<ApplyBackwardPass>(is_double, a, c0, c1); }

@@ -1,0 +1,83 @@
+"""Forward + backward time of UAN and MN relative to torch BatchNorm (K = 3), in one run.
+
+    python benchmarks/norm_speed.py [--device cuda] [--repeats 15] [--out benchmarks/results/norm_speed.json]
+
+Layers are timed round-robin (each repeat runs every layer once) so machine noise hits
+them alike; the table reports medians and each median's ratio to BatchNorm's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from adamatch_uan.norm import kernel, make_norm
+
+SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 128, 8, 8), (256, 256)]
+
+
+def layers(channels: int, device: str) -> dict[str, torch.nn.Module]:
+    built = {"bn": make_norm("bn", channels), "uan": make_norm("uan", channels, num_components=3),
+             "uan_ctx": make_norm("uan", channels, num_components=3, num_contexts=2),
+             "mn": make_norm("mn", channels, num_components=3)}
+    return {name: layer.to(device).train() for name, layer in built.items()}
+
+
+def step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, context: torch.Tensor) -> None:
+    y = layer(x, context) if getattr(layer, "uses_context", False) else layer(x)
+    y.backward(grad)
+
+
+def measure(shape: tuple[int, ...], device: str, repeats: int) -> dict[str, float]:
+    x = torch.randn(shape, device=device, requires_grad=True)
+    grad = torch.randn(shape, device=device)
+    context = torch.arange(shape[0], device=device) % 2
+    built = layers(shape[1], device)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for i in range(repeats + 2):
+        for name, layer in built.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(layer, x, grad, context)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # the first two are warm-up (kernel build, allocator)
+                times[name].append(time.perf_counter() - start)
+            x.grad = None
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/norm_speed.json"))
+    args = parser.parse_args()
+    rows = []
+    for shape in SHAPES:
+        medians = measure(shape, args.device, args.repeats)
+        rows.append({"shape": list(shape), "median_s": medians,
+                     "ratio_to_bn": {k: v / medians["bn"] for k, v in medians.items()}})
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "cpu_kernel": kernel.kernel_available(), "repeats": args.repeats, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    names = list(rows[0]["median_s"])
+    print(f"{'shape':<20}" + "".join(f"{n + ' ms':>12}" for n in names) + "".join(f"{n + '/bn':>11}" for n in names[1:]))
+    for row in rows:
+        print(f"{str(tuple(row['shape'])):<20}" + "".join(f"{row['median_s'][n] * 1e3:>12.2f}" for n in names)
+              + "".join(f"{row['ratio_to_bn'][n]:>11.2f}" for n in names[1:]))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
