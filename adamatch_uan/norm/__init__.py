@@ -58,5 +58,5 @@ def make_norm(norm: str | NormFactory, num_features: int, **options) -> nn.Modul
                      f"(num_features, **options) -> nn.Module, got {norm!r}; use --norm NAME")
 
 
-__all__ = ["NORMS", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "UAN", "frozen_stats",
+__all__ = ["NORMS", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "NormFactory", "UAN", "frozen_stats",
            "list_norms", "make_norm", "mixture_normalize", "uses_context"]

@@ -1,0 +1,167 @@
+"""What every method shares: backbone, augmentations, EMA model, optimiser, evaluation metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
+                                         MulticlassPrecision, MulticlassRecall)
+
+from adamatch_uan.augment import Augment, to_model_input, to_unit
+from adamatch_uan.models import make_backbone
+from adamatch_uan.models.slots import NormAt
+from adamatch_uan.norm import NormFactory
+
+SOURCE, TARGET = 0, 1  # domain ids given to context-aware norm layers
+
+_DECAYED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimiser groups by module type: conv/linear weights decay; norm parameters and biases don't.
+
+    (A ``p.dim() >= 2`` rule would decay UAN's (K, C) parameters.)
+
+    Raises:
+        RuntimeError: if a trainable parameter is in no group or in two.
+    """
+    decay = [m.weight for m in model.modules() if isinstance(m, _DECAYED) and m.weight.requires_grad]
+    decay_ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in decay_ids]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if len(decay_ids) != len(decay) or decay_ids | {id(p) for p in rest} != trainable:
+        raise RuntimeError("weight-decay groups do not partition the trainable parameters")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total: int, decay: float) -> float:
+    """lr(t)/lr₀ = cos(arccos(decay) · t/T): 1 at t = 0, ``decay`` at t = T (ALGORITHMS.md §5.8)."""
+    return math.cos(math.acos(decay) * min(step, total) / total)
+
+
+def evaluation_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy and macro precision, recall, F1 (the metrics of the UAN authors' tables)."""
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "precision": MulticlassPrecision(num_classes, average="macro"),
+        "recall": MulticlassRecall(num_classes, average="macro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }, prefix=prefix)
+
+
+class DomainAdaptationMethod(L.LightningModule):
+    """Base of the methods: a backbone with a pluggable norm, weak/strong views, an EMA copy.
+
+    Training batches are ``{"source": (images, labels), "target": images}`` of uint8 images;
+    evaluation batches are ``(images, labels)``, one dataloader per entry of ``eval_names``.
+    The EMA model (parameters and buffers) is what validation and test evaluate.
+
+    Args:
+        backbone: a name from ``adamatch_uan.models.BACKBONES``.
+        num_classes: classes.
+        norm: anything ``make_norm`` accepts ("bn", "mn", "uan", "uan_ctx", ...).
+        norm_at: where norm layers go: "all", "input", "none" or a list of slot names.
+        norm_options: options for every norm layer (e.g. ``{"num_components": 3}``).
+        lr: base learning rate of SGD.
+        lr_decay: lr(T)/lr(0) of the cosine schedule.
+        momentum: SGD momentum (no Nesterov).
+        weight_decay: on conv/linear weights only.
+        ema_decay: decay of the evaluated EMA model.
+        flip: random horizontal flips in the weak view (off for digits).
+        strong_ops: ops per image in the strong view.
+        cutout: cutout side in pixels in the strong view.
+        image_size: side of the (square) input images.
+        eval_names: a name per evaluation dataloader, in order.
+        eval_contexts: the context id given to each evaluation set (default: the source
+            id for every set, as the authors evaluate).
+    """
+
+    def __init__(self, backbone: str = "shallow_cnn", num_classes: int = 10, norm: str | NormFactory = "bn",
+                 norm_at: NormAt = "all", norm_options: dict | None = None, lr: float = 0.03,
+                 lr_decay: float = 0.25, momentum: float = 0.9, weight_decay: float = 1e-3,
+                 ema_decay: float = 0.999, flip: bool = False, strong_ops: int = 2, cutout: int = 16,
+                 image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
+                 eval_contexts: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if eval_contexts is not None and len(eval_contexts) != len(eval_names):
+            raise ValueError(f"Expected one eval context per eval set {list(eval_names)}, got {list(eval_contexts)}")
+        self.model = make_backbone(backbone, num_classes, norm=norm, norm_at=norm_at, norm_options=norm_options)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.augment = Augment((image_size, image_size), flip=flip, num_ops=strong_ops, cutout=cutout)
+        self.eval_names = list(eval_names)
+        self.eval_contexts = list(eval_contexts) if eval_contexts is not None else [SOURCE] * len(self.eval_names)
+        self.metrics = nn.ModuleDict({f"{stage}_{name}": evaluation_metrics(num_classes, f"{stage}/{name}/")
+                                      for stage in ("val", "test") for name in self.eval_names})
+        self.confusion = nn.ModuleDict({name: MulticlassConfusionMatrix(num_classes) for name in self.eval_names})
+        self.confusion_matrices: dict[str, list[list[int]]] = {}
+
+    # ---- training helpers ----
+    def inputs(self, images: Tensor) -> Tensor:
+        """uint8 or [0, 1] images → model input scale (no augmentation)."""
+        return to_model_input(to_unit(images))
+
+    def weak_views(self, images: Tensor) -> Tensor:
+        """uint8 images (N, ...) → weak views at model input scale (N, ...)."""
+        return to_model_input(self.augment.weak(to_unit(images)))
+
+    def views(self, images: Tensor) -> Tensor:
+        """uint8 images (N, ...) → model inputs (2N, ...): the weak views, then the strong views."""
+        unit = to_unit(images)
+        return to_model_input(torch.cat([self.augment.weak(unit), self.augment.strong(unit)]))
+
+    @property
+    def total_steps(self) -> int:
+        return max(int(self.trainer.estimated_stepping_batches), 1)
+
+    def configure_optimizers(self):
+        groups = weight_decay_groups(self.model, self.hparams.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=False)
+        total, decay = self.total_steps, self.hparams.lr_decay
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, decay))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update_parameters(self.model)
+
+    # ---- evaluation ----
+    def _evaluate(self, batch, dataloader_idx: int, stage: str) -> None:
+        if dataloader_idx >= len(self.eval_names):
+            raise ValueError(f"Got evaluation dataloader {dataloader_idx}, but eval_names names only "
+                             f"{self.eval_names}; set --model.eval_names")
+        images, labels = batch
+        name = self.eval_names[dataloader_idx]
+        context = torch.full((len(images),), self.eval_contexts[dataloader_idx], device=images.device)
+        logits = self.ema.module(self.inputs(images), context)
+        metrics = self.metrics[f"{stage}_{name}"]
+        metrics.update(logits, labels)
+        self.log(f"{stage}/{name}/loss", F.cross_entropy(logits, labels), add_dataloader_idx=False)
+        self.log_dict(metrics, add_dataloader_idx=False, prog_bar=stage == "val")
+        if stage == "test":
+            self.confusion[name].update(logits, labels)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "val")
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        for name, confusion in self.confusion.items():
+            if confusion.update_count:
+                self.confusion_matrices[name] = confusion.compute().tolist()
+            confusion.reset()
+        if self.trainer.log_dir and self.trainer.is_global_zero and self.confusion_matrices:
+            path = Path(self.trainer.log_dir) / "confusion_matrices.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.confusion_matrices))
