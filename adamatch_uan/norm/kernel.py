@@ -29,16 +29,15 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("mixture_kernel.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
           "-fassociative-math", "-std=c++17", "-shared", "-fPIC"]
-# Below this many elements a pass is cheaper on one thread than handing it to the pool.
+# Below this many elements a pass is cheaper on one thread than waking the others.
 _PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
@@ -85,13 +84,8 @@ def _library() -> ctypes.CDLL | None:
             os.replace(built, target)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(str(target))
     for name in ("mix_stats", "mix_apply", "mix_apply_backward", "mix_stats_backward"):
-        getattr(lib, name).argtypes = [ctypes.c_int, ctypes.POINTER(_MixArgs), ctypes.c_int64, ctypes.c_int64]
+        getattr(lib, name).argtypes = [ctypes.c_int, ctypes.POINTER(_MixArgs), ctypes.c_int]
     return lib
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixture-kernel")
 
 
 def kernel_available() -> bool:
@@ -122,16 +116,10 @@ def _run(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Te
     args = _MixArgs(_ptr(x), _ptr(ctx), _ptr(grad), N, C, P, mu.shape[0], lc.shape[0],
                     _ptr(mu), _ptr(h), _ptr(lc), _ptr(shift), _ptr(alpha), _ptr(A), _ptr(beta),
                     _ptr(dS), _ptr(out), _ptr(red), int(need_param_grads))
-    fn = getattr(_library(), name)
     is_double = int(x.dtype == torch.float64)
-    workers = min(torch.get_num_threads(), C) if x.numel() >= _PARALLEL_MIN_ELEMENTS else 1
-    bounds = [C * i // workers for i in range(workers + 1)]
-    # ctypes releases the GIL during the call, so pool threads run channel blocks in parallel.
-    futures = [_pool(workers).submit(fn, is_double, ctypes.byref(args), bounds[i], bounds[i + 1])
-               for i in range(1, workers)]
-    codes = [fn(is_double, ctypes.byref(args), bounds[0], bounds[1])] + [f.result() for f in futures]
-    if any(codes):
-        raise RuntimeError(f"mixture kernel {name} failed with codes {codes}")
+    threads = min(torch.get_num_threads(), C) if x.numel() >= _PARALLEL_MIN_ELEMENTS else 1
+    if getattr(_library(), name)(is_double, ctypes.byref(args), threads):
+        raise RuntimeError(f"mixture kernel {name} failed for K = {mu.shape[0]}")
 
 
 def _run_transposed(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Tensor, *,

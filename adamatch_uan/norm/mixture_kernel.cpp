@@ -6,8 +6,9 @@
 //     logit_k(x) = lc[g,k,c] - h[k,c] * (x - mu[k,c])^2,   tau = softmax_k(logit)
 // where h = 1 / (2 sigma^2) and lc = log lambda - 0.5 log(2 pi sigma^2).
 // Each pass recomputes tau in registers instead of storing a (N, K, C, P) tensor, so the
-// layer reads x once per pass, as BatchNorm does. Channels are independent: the caller
-// splits [0, C) between threads.
+// layer reads x once per pass, as BatchNorm does. Channels are independent and are split
+// between OpenMP threads; built with -fopenmp, the kernel binds to the libgomp that torch
+// has already loaded, so it shares torch's thread pool.
 //
 // Positions are processed in blocks of one vector register (L lanes) with per-lane
 // accumulators kept across rows, so short rows (small P) pay no horizontal reduction per
@@ -88,6 +89,14 @@ MIX_INLINE void responsibilities(T xv, const T* m, const T* hh, const T* l0, T* 
   T inv = T(1) / s;
   MIX_UNROLL
   for (int k = 0; k < K; ++k) t[k] *= inv;
+}
+
+// Rows of one channel are C*P elements apart, so each short row starts on a cold page
+// where the hardware prefetcher has not ramped up: fetch the start of the next row early.
+template <typename T>
+MIX_INLINE void prefetch_row(const T* row, int64_t P, bool write = false) {
+  const int64_t n = P < 512 ? P : 512;
+  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) write ? __builtin_prefetch(row + i, 1) : __builtin_prefetch(row + i);
 }
 
 // Calls f(p, j) for p in [0, P), j = p mod L: full blocks as one SIMD loop, then the tail.
@@ -184,6 +193,7 @@ MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
       ch.table(a.lc, ch.group(n), l0);
       acc.row(0);
       const T* __restrict__ xr = ch.row(a.x, n);
+      if (n + 1 < a.N) prefetch_row(ch.row(a.x, n + 1), a.P);
       T* __restrict__ s0 = acc.at(0, 0);
       for_positions<L>(a.P, [=](int64_t p, int j) {
         T t[K];
@@ -217,6 +227,10 @@ MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
       ch.table(a.A, g, Ag);
       const T* __restrict__ xr = ch.row(a.x, n);
       T* __restrict__ yr = ch.row(a.out, n);
+      if (n + 1 < a.N) {
+        prefetch_row(ch.row(a.x, n + 1), a.P);
+        prefetch_row(ch.row(a.out, n + 1), a.P, true);
+      }
       for_positions<L>(a.P, [=](int64_t p, int) {
         T t[K];
         T xv = xr[p];
@@ -251,6 +265,11 @@ MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
       const T* __restrict__ xr = ch.row(a.x, n);
       const T* __restrict__ gr = ch.row(a.grad, n);
       T* __restrict__ dxr = ch.row(a.out, n);
+      if (n + 1 < a.N) {
+        prefetch_row(ch.row(a.x, n + 1), a.P);
+        prefetch_row(ch.row(a.grad, n + 1), a.P);
+        prefetch_row(ch.row(a.out, n + 1), a.P, true);
+      }
       T* __restrict__ s = acc.at(0, 0);
       for_positions<L>(a.P, [=](int64_t p, int j) {
         T t[K], u[K];
@@ -307,6 +326,10 @@ MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
       acc.row(g);
       const T* __restrict__ xr = ch.row(a.x, n);
       T* __restrict__ dxr = ch.row(a.out, n);
+      if (n + 1 < a.N) {
+        prefetch_row(ch.row(a.x, n + 1), a.P);
+        prefetch_row(ch.row(a.out, n + 1), a.P, true);
+      }
       T* __restrict__ s = acc.at(0, 0);
       for_positions<L>(a.P, [=](int64_t p, int j) {
         T t[K], e[K];
@@ -372,15 +395,22 @@ int run_k(const MixArgs& a, int64_t c0, int64_t c1) {
 }
 
 template <template <typename, int> class Pass>
-int run(int is_double, const MixArgs* a, int64_t c0, int64_t c1) {
-  return is_double ? run_k<double, Pass>(*a, c0, c1) : run_k<float, Pass>(*a, c0, c1);
+int run(int is_double, const MixArgs* a, int threads) {
+  int failed = 0;
+  const int64_t C = a->C;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
+  for (int t = 0; t < threads; ++t) {
+    const int64_t c0 = C * t / threads, c1 = C * (t + 1) / threads;
+    failed |= is_double ? run_k<double, Pass>(*a, c0, c1) : run_k<float, Pass>(*a, c0, c1);
+  }
+  return failed;
 }
 
 }  // namespace
 
 extern "C" {
-int mix_stats(int is_double, const MixArgs* a, int64_t c0, int64_t c1) { return run<StatsPass>(is_double, a, c0, c1); }
-int mix_apply(int is_double, const MixArgs* a, int64_t c0, int64_t c1) { return run<ApplyPass>(is_double, a, c0, c1); }
-int mix_apply_backward(int is_double, const MixArgs* a, int64_t c0, int64_t c1) { return run<ApplyBackwardPass>(is_double, a, c0, c1); }
-int mix_stats_backward(int is_double, const MixArgs* a, int64_t c0, int64_t c1) { return run<StatsBackwardPass>(is_double, a, c0, c1); }
+int mix_stats(int is_double, const MixArgs* a, int threads) { return run<StatsPass>(is_double, a, threads); }
+int mix_apply(int is_double, const MixArgs* a, int threads) { return run<ApplyPass>(is_double, a, threads); }
+int mix_apply_backward(int is_double, const MixArgs* a, int threads) { return run<ApplyBackwardPass>(is_double, a, threads); }
+int mix_stats_backward(int is_double, const MixArgs* a, int threads) { return run<StatsBackwardPass>(is_double, a, threads); }
 }
