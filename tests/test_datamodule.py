@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+
+from adamatch_uan.data import DomainPairDataModule
+from adamatch_uan.data.datamodule import infinite_indices
+
+
+@pytest.fixture
+def pair(tmp_path):
+    np.savez(tmp_path / "s.npz", x=np.random.randint(0, 256, (50, 28, 28), dtype=np.uint8), y=np.arange(50) % 10)
+    np.savez(tmp_path / "t.npz", x_train=np.random.randint(0, 256, (7, 16, 16), dtype=np.uint8),
+             y_train=np.full(7, 3), x_test=np.zeros((4, 16, 16), np.uint8), y_test=np.arange(4))
+    return f"npz:{tmp_path / 's.npz'}", f"npz:{tmp_path / 't.npz'}"
+
+
+def test_batches_have_the_documented_shape_and_no_target_labels(pair):
+    dm = DomainPairDataModule(*pair, batch_size=4, uratio=3, val_fraction=0.2)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"source", "target"}
+    images, labels = batch["source"]
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (4,)
+    assert isinstance(batch["target"], torch.Tensor) and batch["target"].shape == (12, 3, 32, 32)
+    assert not hasattr(dm, "target_labels") and len(dm.source_val[0]) == 8
+
+
+def test_samplers_are_infinite_and_never_truncate_a_domain(pair):
+    dm = DomainPairDataModule(*pair, batch_size=4, uratio=3, max_source=10)
+    dm.setup()
+    batches = iter(dm.train_dataloader())
+    targets = torch.cat([next(batches)["target"] for _ in range(10)])  # 120 draws from 7 images
+    assert len(targets) == 120 and len(torch.unique(targets.flatten(1), dim=0)) == 7
+
+
+def test_infinite_indices_cover_each_epoch():
+    it = infinite_indices(5, torch.Generator().manual_seed(0))
+    epochs = [sorted(next(it) for _ in range(5)) for _ in range(3)]
+    assert epochs == [list(range(5))] * 3
+
+
+def test_evaluation_loaders_in_order(pair):
+    dm = DomainPairDataModule(*pair, eval_batch_size=100, max_target=3)
+    dm.setup()
+    val, test = dm.val_dataloader(), dm.test_dataloader()
+    assert [len(l.dataset) for l in val] == [4, 4] and [len(l.dataset) for l in test] == [10, 4]
+    assert len(dm.target_train) == 3
+    assert next(iter(test[1]))[1].tolist() == [0, 1, 2, 3]

@@ -1,0 +1,157 @@
+"""Every domain loads from small generated files in its real on-disk format; bad input is a clear error."""
+
+import bz2
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adamatch_uan.data import DomainError, load_domain, to_rgb32
+from adamatch_uan.data import domains
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_mnist(root: Path, n: int = 12) -> np.ndarray:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = np.arange(n) % 10
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", np.random.randint(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return labels
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_usps(root: Path, monkeypatch, n: int = 6) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("usps.bz2", "usps.t.bz2"):
+        lines = [" ".join([str(i % 10 + 1)] + [f"{j + 1}:{v:.4f}" for j, v in enumerate(np.random.uniform(-1, 1, 256))])
+                 for i in range(n)]
+        (root / name).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+        monkeypatch.setitem(domains.CHECKSUMS["usps"], name, md5(root / name))
+
+
+def make_svhn(root: Path, monkeypatch, n: int = 5) -> None:
+    from scipy.io import savemat
+
+    root.mkdir(parents=True, exist_ok=True)
+    import torchvision.datasets as tvd
+
+    for split in ("train", "test"):
+        _, name, _ = tvd.SVHN.split_list[split]
+        savemat(root / name, {"X": np.random.randint(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                              "y": np.array([[10], [1], [2], [3], [10]][:n])})
+        monkeypatch.setitem(domains.CHECKSUMS["svhn"], name, md5(root / name))
+        monkeypatch.setitem(tvd.SVHN.split_list, split, [tvd.SVHN.split_list[split][0], name, md5(root / name)])
+
+
+def check(images, labels, n):
+    assert images.shape == (n, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == (n,) and labels.dtype == torch.int64
+    assert 0 <= labels.min() and labels.max() <= 9
+
+
+def test_mnist_idx_files(tmp_path):
+    labels = make_mnist(tmp_path)
+    for train in (True, False):
+        images, y = load_domain("mnist", tmp_path, train, download=False)
+        check(images, y, 12)
+        assert y.tolist() == labels.tolist()
+        assert images[:, :, :2].eq(0).all() and images[:, :, -2:].eq(0).all()  # zero-padded 28 → 32
+        assert torch.equal(images[:, 0], images[:, 2])  # grey repeated
+
+
+def test_usps_bz2_files(tmp_path, monkeypatch):
+    make_usps(tmp_path, monkeypatch)
+    images, labels = load_domain("usps", tmp_path, True, download=False)
+    check(images, labels, 6)
+    assert labels.tolist() == [i % 10 for i in range(6)]
+
+
+def test_svhn_mat_files_map_label_10_to_0(tmp_path, monkeypatch):
+    make_svhn(tmp_path, monkeypatch)
+    images, labels = load_domain("svhn", tmp_path, False, download=False)
+    check(images, labels, 5)
+    assert labels.tolist() == [0, 1, 2, 3, 0]
+
+
+def test_npz_with_split_fraction_and_with_explicit_splits(tmp_path):
+    x = np.random.randint(0, 256, (10, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "one.npz", x=x, y=np.arange(10) % 10)
+    train, test = (load_domain(f"npz:{tmp_path / 'one.npz'}", tmp_path, t, test_fraction=0.2) for t in (True, False))
+    check(*train, 8)
+    check(*test, 2)
+    np.savez(tmp_path / "two.npz", x_train=np.zeros((3, 32, 32, 3), np.uint8), y_train=np.array([1, 2, 3]),
+             x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.array([4, 5]))
+    check(*load_domain(f"npz:{tmp_path / 'two.npz'}", tmp_path, True), 3)
+    check(*load_domain(f"npz:{tmp_path / 'two.npz'}", tmp_path, False), 2)
+
+
+def test_image_folder(tmp_path):
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.fromarray(np.random.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / label / "0.png")
+    images, labels = load_domain(f"folder:{tmp_path}", tmp_path, True)
+    check(images, labels, 2)
+    assert labels.tolist() == [0, 1]
+
+
+def test_preprocessing_sizes():
+    assert to_rgb32(torch.zeros(2, 16, 16, dtype=torch.uint8)).shape == (2, 3, 32, 32)
+    assert to_rgb32(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 3, 32, 32)
+    with pytest.raises(DomainError, match="channels"):
+        to_rgb32(torch.zeros(2, 2, 32, 32, dtype=torch.uint8))
+
+
+def test_missing_files_name_the_files_and_the_option(tmp_path):
+    with pytest.raises(DomainError) as err:
+        load_domain("mnist", tmp_path, True, download=False)
+    message = str(err.value)
+    assert "train-images-idx3-ubyte" in message and str(tmp_path) in message and "--data.root" in message
+
+
+def test_wrong_checksum_says_so(tmp_path, monkeypatch):
+    make_usps(tmp_path, monkeypatch)
+    monkeypatch.setitem(domains.CHECKSUMS["usps"], "usps.bz2", "0" * 32)
+    with pytest.raises(DomainError, match="Wrong checksum"):
+        load_domain("usps", tmp_path, True, download=False)
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"x": np.zeros((3, 8, 8), np.float32), "y": np.zeros(3, int)}, "uint8"),
+    ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.zeros(4, int)}, r"labels \(N,\)"),
+    ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.array([0, 1, 10])}, r"labels in \[0, 10\)"),
+    ({"images": np.zeros((3, 8, 8), np.uint8)}, "Expected .* to hold"),
+])
+def test_malformed_npz_is_a_clear_error(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DomainError, match=match):
+        load_domain(f"npz:{tmp_path / 'bad.npz'}", tmp_path, True)
+
+
+def test_unknown_domain_lists_choices(tmp_path):
+    with pytest.raises(DomainError, match="mnist, svhn, usps, npz:PATH or folder:PATH"):
+        load_domain("mnist-m", tmp_path, True)
+
+
+@pytest.mark.skipif(not (SHARED / "MNIST").is_dir(), reason="../shared/data is not present")
+def test_real_mnist_and_usps_npz():
+    images, labels = load_domain("mnist", SHARED, False, download=False)
+    check(images, labels, 10_000)
+    images, labels = load_domain(f"npz:{SHARED / 'USPS' / 'usps_esl_16x16.npz'}", SHARED, True)
+    check(images, labels, 7_291)
+    assert torch.bincount(labels).tolist() == [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
