@@ -46,3 +46,17 @@ def test_evaluation_loaders_in_order(pair):
     assert [len(l.dataset) for l in val] == [4, 4] and [len(l.dataset) for l in test] == [10, 4]
     assert len(dm.target_train) == 3
     assert next(iter(test[1]))[1].tolist() == [0, 1, 2, 3]
+
+
+def test_target_training_labels_never_reach_training(tmp_path, pair):
+    source, target = pair
+    data = dict(np.load(target.split(":", 1)[1]))
+    batches = []
+    for labels in (data["y_train"], np.random.randint(0, 10, len(data["y_train"]))):
+        np.savez(tmp_path / "t2.npz", **{**data, "y_train": labels})
+        dm = DomainPairDataModule(source, f"npz:{tmp_path / 't2.npz'}", batch_size=4)
+        dm.setup()
+        it = iter(dm.train_dataloader())
+        batches.append([next(it) for _ in range(3)])
+    for a, b in zip(*batches):
+        assert torch.equal(a["target"], b["target"]) and torch.equal(a["source"][0], b["source"][0])

@@ -1,0 +1,97 @@
+"""The command line: ``python -m adamatch_uan.fit [--norm uan] [--config configs/x.yaml] [LightningCLI options]``.
+
+A LightningCLI over the methods (``--model``, AdaMatch by default) and the domain-pair
+DataModule (``--data``). ``--norm NAME`` is a shortcut for ``--model.init_args.norm NAME``,
+written into the config before the classes are built, so YAML files can set the norm too.
+
+Each run writes to its own directory (``--run_dir``, default ``runs/<time>-<source>-<target>-<norm>``):
+the resolved ``config.yaml``, CSV and TensorBoard logs, ``checkpoints/`` (last, best on the
+source validation accuracy — never target labels — and one written if the run stops on an
+exception), and at the very end ``results.json`` with the test metrics per set; a directory
+without ``results.json`` is an unfinished run. ``--ckpt_path PATH`` resumes a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from adamatch_uan.data import DomainPairDataModule
+from adamatch_uan.methods import DomainAdaptationMethod
+
+METRICS = ("acc", "precision", "recall", "f1")
+
+
+class FitCLI(LightningCLI):
+    """LightningCLI with the --norm shortcut, a run directory and results.json."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--norm", type=str | None, default=None,
+                            help="Shortcut for --model.init_args.norm (bn, mn, uan, uan_ctx, none).")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Directory of this run (default: runs/<time>-<source>-<target>-<norm>).")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
+        parser.set_defaults({"model": {"class_path": "adamatch_uan.methods.AdaMatch"},
+                             "trainer.max_steps": 10_000, "trainer.val_check_interval": 500,
+                             "trainer.check_val_every_n_epoch": None, "trainer.log_every_n_steps": 10})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        if config.norm is not None:
+            config.model.init_args.norm = config.norm
+        if config.run_dir is None:
+            data = config.data
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            name = "-".join(str(s).split(":")[0] for s in (data.source, data.target, config.model.init_args.norm))
+            config.run_dir = str(Path("runs") / f"{stamp}-{name}")
+        run = Path(config.run_dir)
+        config.trainer.default_root_dir = str(run)
+        self.save_config_kwargs["config_filename"] = "config.yaml"
+
+    def instantiate_trainer(self, **kwargs):
+        run = Path(self.config.run_dir)
+        kwargs["logger"] = [CSVLogger(run, name="", version=""), TensorBoardLogger(run, name="", version="")]
+        checkpoints = run / "checkpoints"
+        extra = [ModelCheckpoint(checkpoints, filename="best-{step}", monitor="val/source/acc", mode="max",
+                                 save_last=True),
+                 OnExceptionCheckpoint(checkpoints)]
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *extra]
+        return super().instantiate_trainer(**kwargs)
+
+
+def results_table(results: dict) -> str:
+    lines = [f"{'set':<10}" + "".join(f"{m:>11}" for m in METRICS)]
+    for name, metrics in results["test"].items():
+        lines.append(f"{name:<10}" + "".join(f"{metrics[m]:>11.4f}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Train, test the best checkpoint, write ``results.json`` in the run directory; return the results."""
+    cli = FitCLI(DomainAdaptationMethod, DomainPairDataModule, subclass_mode_model=True, run=False, args=args,
+                 save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    tested = trainer.test(model, datamodule=data, ckpt_path=best)
+    merged = {k: v for d in tested for k, v in d.items()}
+    results = {"run_dir": cli.config.run_dir, "checkpoint": best, "steps": trainer.global_step,
+               "test": {name: {m: merged[f"test/{name}/{m}"] for m in METRICS if f"test/{name}/{m}" in merged}
+                        for name in model.eval_names}}
+    run = Path(cli.config.run_dir)
+    partial = run / "results.json.partial"
+    partial.write_text(json.dumps(results, indent=2))
+    os.replace(partial, run / "results.json")  # a run dir has results.json only once finished
+    print(results_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
