@@ -17,8 +17,10 @@ per-channel shift s (the first value of each channel), Σ τ, Σ τ(x − s), Σ
 exact in real arithmetic and avoids the cancellation of Σ τ x² for large |x|; the sums are
 what a distributed version all-reduces (with a shift common to all processes).
 
-Gradients are analytic (one pass per autograd Function) and flow to x, to the mixture
-(through τ), and to γ, β; the mixture may instead be constant (MN's EM estimates).
+The layer is one autograd node: two full-size passes forward (sums, output) and two
+backward (analytic, the second adding to the first's input gradient). Gradients flow to x,
+to the mixture (through τ), and to γ, β; the mixture may instead be constant (MN's EM
+estimates).
 """
 
 from __future__ import annotations

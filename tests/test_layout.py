@@ -1,0 +1,36 @@
+"""The import direction between folders (DESIGN.md): models know nothing of methods, methods nothing of data."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "adamatch_uan"
+
+FORBIDDEN = {
+    "norm": ["adamatch_uan.models", "adamatch_uan.methods", "adamatch_uan.data", "adamatch_uan.augment",
+             "adamatch_uan.fit", "lightning", "torchvision", "kornia"],
+    "models": ["adamatch_uan.methods", "adamatch_uan.data", "adamatch_uan.augment", "adamatch_uan.fit", "lightning"],
+    "methods": ["adamatch_uan.data", "adamatch_uan.fit"],
+    "data": ["adamatch_uan.models", "adamatch_uan.methods", "adamatch_uan.norm", "adamatch_uan.fit"],
+    "augment.py": ["adamatch_uan.", "lightning"],
+}
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("part", list(FORBIDDEN))
+def test_import_direction(part):
+    files = [PACKAGE / part] if part.endswith(".py") else sorted((PACKAGE / part).glob("*.py"))
+    for path in files:
+        bad = [m for m in imports(path) for f in FORBIDDEN[part] if m == f or m.startswith(f.rstrip(".") + ".")
+               or (f.endswith(".") and m.startswith(f))]
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
