@@ -61,7 +61,9 @@ class FitCLI(LightningCLI):
         extra = [ModelCheckpoint(checkpoints, filename="best-{step}", monitor="val/source/acc", mode="max",
                                  save_last=True),
                  OnExceptionCheckpoint(checkpoints)]
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *extra]
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        kwargs["callbacks"] = [*configured, *extra]  # keyword callbacks would replace the configured ones
         return super().instantiate_trainer(**kwargs)
 
 

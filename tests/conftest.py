@@ -1,8 +1,16 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from adamatch_uan.norm import kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -56,3 +64,24 @@ def quiet_trainer(**options):
     defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, accelerator="cpu", devices=1)
     return L.Trainer(**{**defaults, **options})
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Generated npz domains: source 28×28, target 16×16 (USPS-sized), 200 images of 10 classes each."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "s.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y=np.arange(200) % 10)
+    np.savez(folder / "t.npz", x=rng.integers(0, 256, (200, 16, 16), dtype=np.uint8), y=np.arange(200) % 10)
+    return folder
+
+
+def fit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adamatch_uan.fit", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def smoke_args(data: Path, run: Path, steps: int) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "smoke.yaml"), "--data.source", f"npz:{data / 's.npz'}",
+            "--data.target", f"npz:{data / 't.npz'}", "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false", "--run_dir", str(run)]

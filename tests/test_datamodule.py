@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,18 @@ def test_samplers_are_infinite_and_never_truncate_a_domain(pair):
     batches = iter(dm.train_dataloader())
     targets = torch.cat([next(batches)["target"] for _ in range(10)])  # 120 draws from 7 images
     assert len(targets) == 120 and len(torch.unique(targets.flatten(1), dim=0)) == 7
+
+
+def test_a_cut_short_epoch_continues_the_stream_instead_of_replaying_it(pair):
+    dm = DomainPairDataModule(*pair, batch_size=4, uratio=1)
+    dm.setup()
+    loader = dm.train_dataloader()  # Lightning calls iter() once per epoch on the same loader
+    first = [b["source"][1] for b in itertools.islice(loader, 3)]
+    second = [b["source"][1] for b in itertools.islice(loader, 3)]
+    fresh = DomainPairDataModule(*pair, batch_size=4, uratio=1)
+    fresh.setup()
+    continuous = [b["source"][1] for b in itertools.islice(fresh.train_dataloader(), 6)]
+    assert all(torch.equal(a, b) for a, b in zip(first + second, continuous))
 
 
 def test_infinite_indices_cover_each_epoch():

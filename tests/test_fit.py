@@ -1,35 +1,13 @@
 """The command line end to end, in subprocesses, on generated data (and on ../shared/data when present)."""
 
 import json
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
-import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    np.savez(folder / "s.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y=np.arange(200) % 10)
-    np.savez(folder / "t.npz", x=rng.integers(0, 256, (200, 16, 16), dtype=np.uint8), y=np.arange(200) % 10)
-    return folder
-
-
-def fit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adamatch_uan.fit", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
-
-
-def smoke_args(data: Path, run: Path, steps: int) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "smoke.yaml"), "--data.source", f"npz:{data / 's.npz'}",
-            "--data.target", f"npz:{data / 't.npz'}", "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false", "--run_dir", str(run)]
+from conftest import ROOT, SHARED, fit, smoke_args
 
 
 def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
@@ -43,10 +21,36 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
     assert (run / "metrics.csv").exists() and list(run.glob("events.out.tfevents.*"))
     assert "norm: mn" in (run / "config.yaml").read_text()  # the --norm shortcut reached the model
     assert "acc" in done.stdout and "target" in done.stdout  # the printed table
+    assert (run / "gradient_variance.csv").exists() and list((run / "activations").glob("*.png"))  # smoke.yaml's callbacks
 
     resumed = fit(*smoke_args(data, run, 9), "--norm", "mn", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["steps"] == 9
+
+
+def test_interrupted_run_keeps_a_checkpoint_and_resumes_from_it(data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, run, 100_000)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists():  # training is under way
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl+C sends
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    saved = run / "checkpoints" / "on_exception.ckpt"
+    assert saved.exists(), err[-3000:]
+    assert not (run / "results.json").exists()  # an interrupted run never looks finished
+    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
+    assert step >= 3
+
+    resumed = fit(*smoke_args(data, run, step + 2), "--ckpt_path", str(saved))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["steps"] == step + 2
 
 
 def test_unknown_norm_lists_the_choices(data, tmp_path):
@@ -67,6 +71,9 @@ def test_help_and_print_config():
     assert fit("--help").returncode == 0
     printed = fit("--print_config", "--norm", "uan")
     assert printed.returncode == 0 and "AdaMatch" in printed.stdout
+    insight = fit("--print_config", "--trainer.callbacks+=adamatch_uan.callbacks.GradientVariance",
+                  "--trainer.callbacks.every_n_steps", "7")
+    assert insight.returncode == 0 and "GradientVariance" in insight.stdout and "every_n_steps: 7" in insight.stdout
 
 
 @pytest.mark.skipif(not (SHARED / "MNIST").is_dir(), reason="../shared/data is not present")

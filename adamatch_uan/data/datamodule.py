@@ -31,8 +31,16 @@ class PairedBatches(IterableDataset):
     def __init__(self, source: tuple[Tensor, Tensor], target: Tensor, batch_size: int, uratio: int, seed: int) -> None:
         self.source, self.target = source, target
         self.batch_size, self.uratio, self.seed = batch_size, uratio, seed
+        self._stream: Iterator[dict] | None = None
 
     def __iter__(self) -> Iterator[dict]:
+        # One stream for the object's lifetime: an epoch cut short (--trainer.limit_train_batches)
+        # continues where the last one stopped instead of replaying the same batches.
+        if self._stream is None:
+            self._stream = self._batches()
+        return self._stream
+
+    def _batches(self) -> Iterator[dict]:
         generator = torch.Generator().manual_seed(self.seed)
         s = infinite_indices(len(self.source[0]), generator)
         t = infinite_indices(len(self.target), generator)

@@ -133,6 +133,7 @@ class AdaMatch(DomainAdaptationMethod):
         loss_target = (F.cross_entropy(target_strong, targets, reduction="none") * mask).mean()
         mu = hp.target_weight * warmup(self.global_step, self.total_steps)
         loss = loss_source + mu * loss_target
+        self.loss_terms = {"source": loss_source, "target": mu * loss_target}  # read by GradientVariance(split=True)
         self.log_dict({
             "train/loss": loss, "train/loss_source": loss_source, "train/loss_target": loss_target,
             "train/mask_rate": mask.mean(), "train/threshold": threshold,

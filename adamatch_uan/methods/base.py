@@ -19,9 +19,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 from adamatch_uan.augment import Augment, to_model_input, to_unit
 from adamatch_uan.models import make_backbone
 from adamatch_uan.models.slots import NormAt
-from adamatch_uan.norm import NormFactory
-
-SOURCE, TARGET = 0, 1  # domain ids given to context-aware norm layers
+from adamatch_uan.norm import SOURCE, TARGET, NormFactory
 
 _DECAYED = (nn.modules.conv._ConvNd, nn.Linear)
 

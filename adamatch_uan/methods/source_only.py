@@ -16,6 +16,7 @@ class SourceOnly(DomainAdaptationMethod):
         images, labels = batch["source"]
         context = torch.full((len(images),), SOURCE, device=images.device)
         loss = F.cross_entropy(self.model(self.weak_views(images), context), labels)
+        self.loss_terms = {"source": loss}  # read by GradientVariance(split=True)
         self.log_dict({"train/loss": loss, "train/loss_source": loss,
                        "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}, on_step=True)
         self.log("loss", loss, prog_bar=True, logger=False)

@@ -7,6 +7,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
+# Context ids when the domain is the context (ALGORITHMS.md §4): source = 0, target = 1.
+SOURCE, TARGET = 0, 1
+
 
 def uses_context(module: nn.Module) -> bool:
     """Whether ``module.forward`` takes a per-sample context id (decided at construction)."""

@@ -1,0 +1,271 @@
+"""Figures of a run directory: gradient variance, per-layer heatmaps, validation curves, activations.
+
+The notebook ``notebooks/gradient_variance.ipynb`` calls these functions; the same figures
+come from the command line without Jupyter::
+
+    python -m adamatch_uan.plots RUN_DIR [RUN_DIR ...] [--out DIR] [--kind total]
+
+A run directory is what ``python -m adamatch_uan.fit`` writes: ``config.yaml``,
+``metrics.csv`` (CSVLogger), ``gradient_variance.csv`` (``GradientVariance``) and
+``activations/*.png`` (``ActivationPlot``). Figures use matplotlib's object API (no pyplot
+state), so they work headless.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from matplotlib.figure import Figure
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from adamatch_uan.norm import SOURCE, UAN, MixtureNorm
+
+
+# ---- mixtures of norm layers ----
+def is_norm_layer(module: nn.Module) -> bool:
+    return isinstance(module, (_BatchNorm, MixtureNorm, UAN))
+
+
+def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Norm layers of ``model`` by module name, in forward order of definition."""
+    return {name: m for name, m in model.named_modules() if is_norm_layer(m)}
+
+
+@torch.no_grad()
+def layer_mixture(layer: nn.Module, context: int = SOURCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Gaussian mixture a norm layer models its input with, as (λ, μ, σ²) arrays of shape (K, C).
+
+    UAN: the learned λ (of ``context`` when the layer has contexts), μ, σ².
+    MN: the latest EM estimates. BatchNorm: one component, the running mean and variance.
+    """
+    if isinstance(layer, UAN):
+        weights, means, var = layer.weights[context if layer.num_contexts else 0], layer.mean, layer.var
+    elif isinstance(layer, MixtureNorm):
+        weights, means, var = layer.fit_weight, layer.fit_mean, layer.fit_var
+    elif isinstance(layer, _BatchNorm) and layer.running_mean is not None:
+        weights, means, var = torch.ones_like(layer.running_mean)[None], layer.running_mean[None], layer.running_var[None]
+    else:
+        raise TypeError(f"Expected a BatchNorm (with running stats), MixtureNorm or UAN layer, got {type(layer).__name__}")
+    return tuple(t.detach().float().cpu().numpy() for t in (weights, means, var))
+
+
+def component_densities(x: np.ndarray, weights: np.ndarray, means: np.ndarray, var: np.ndarray,
+                        channel: int | None = None) -> np.ndarray:
+    """λ_k N(x; μ_k, σ²_k) for each component k at points x, shape (K, len(x)), computed in log space.
+
+    ``channel=None`` pools the channels: (1/C) Σ_c λ_kc N(x; μ_kc, σ²_kc).
+    """
+    if channel is not None:
+        weights, means, var = weights[:, channel:channel + 1], means[:, channel:channel + 1], var[:, channel:channel + 1]
+    x = x[None, None, :].astype(np.float64)
+    mu, v = means[..., None].astype(np.float64), var[..., None].astype(np.float64)
+    log_density = np.log(np.maximum(weights[..., None], 1e-300)) - 0.5 * (np.log(2 * np.pi * v) + (x - mu) ** 2 / v)
+    return np.exp(log_density).mean(axis=1)
+
+
+def activation_figure(samples: Mapping[str, np.ndarray], mixture: tuple[np.ndarray, np.ndarray, np.ndarray],
+                      channel: int | None = None, title: str = "") -> Figure:
+    """Histograms of a norm layer's input (one per domain, ``samples[name]`` of shape (N, C)) with
+    the layer's mixture drawn over them: one curve per component (label ``component k``) and,
+    for K > 1, their sum (label ``mixture``)."""
+    values = {name: (s[:, channel] if channel is not None else s.ravel()) for name, s in samples.items()}
+    everything = np.concatenate(list(values.values()))
+    lo, hi = np.percentile(everything, [0.5, 99.5]) if everything.size else (-1.0, 1.0)
+    lo, hi = (lo - 1, hi + 1) if hi - lo < 1e-6 else (lo, hi)
+    x = np.linspace(lo, hi, 400)
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for name, v in values.items():
+        ax.hist(v, bins=80, range=(lo, hi), density=True, histtype="stepfilled", alpha=0.35, label=f"{name} activations")
+    components = component_densities(x, *mixture, channel=channel)
+    for k, density in enumerate(components):
+        ax.plot(x, density, lw=1.5, label=f"component {k + 1}")
+    if len(components) > 1:
+        ax.plot(x, components.sum(0), "k--", lw=1, label="mixture")
+    ax.set(xlabel="activation (norm layer input)", ylabel="density",
+           title=title + (f", channel {channel}" if channel is not None else ", all channels"))
+    ax.legend(fontsize=7)
+    return fig
+
+
+# ---- run directories ----
+@dataclass
+class Run:
+    """What a run directory holds, read once."""
+    path: Path
+    label: str
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    gradient_variance: list[dict] = field(default_factory=list)
+    activations: list[Path] = field(default_factory=list)
+
+
+def run_label(path: Path) -> str:
+    """'<method> + <norm>' from the run's config.yaml (the directory name without one)."""
+    config = path / "config.yaml"
+    if not config.exists():
+        return path.name
+    model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
+    args = model.get("init_args", model)
+    method = str(model.get("class_path", "")).rsplit(".", 1)[-1]
+    norm = args.get("norm", "bn")
+    options = args.get("norm_options") or {}
+    extra = "".join(f", {k}={v}" for k, v in options.items())
+    return f"{method} + {norm}{extra}" if method else f"{norm}{extra}"
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv (CSVLogger, one row per logging call) → {metric: [(step, value), ...]}."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    file = path / "metrics.csv"
+    if not file.exists():
+        return {}
+    with file.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row.get("step") or 0)
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series[key].append((step, float(value)))
+    return dict(series)
+
+
+def read_gradient_variance(path: Path) -> list[dict]:
+    file = path / "gradient_variance.csv"
+    if not file.exists():
+        return []
+    with file.open(newline="") as f:
+        return [{**row, "step": int(row["step"]), "epoch": int(row["epoch"]), "variance": float(row["variance"])}
+                for row in csv.DictReader(f)]
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a directory.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No run directory at {path} (expected the --run_dir of adamatch_uan.fit)")
+    return Run(path, run_label(path), read_metrics(path), read_gradient_variance(path),
+               sorted((path / "activations").glob("*.png")))
+
+
+# ---- figures of runs ----
+def variance_by_step(run: Run, kind: str) -> dict[int, list[float]]:
+    steps: dict[int, list[float]] = defaultdict(list)
+    for row in run.gradient_variance:
+        if row["kind"] == kind:
+            steps[row["step"]].append(row["variance"])
+    return dict(sorted(steps.items()))
+
+
+def gradient_variance_figure(runs: Sequence[Run], kind: str = "total") -> Figure:
+    """Max and mean over parameter tensors of the gradient variance, per measured step, one line per run."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for stat, ax in zip(("max", "mean"), axes):
+        for run in runs:
+            by_step = variance_by_step(run, kind)
+            if by_step:
+                reduce = max if stat == "max" else (lambda v: sum(v) / len(v))
+                ax.plot(list(by_step), [reduce(v) for v in by_step.values()], marker=".", label=run.label)
+        ax.set(yscale="log", xlabel="training step", ylabel="gradient variance",
+               title=f"{stat} over layers of Var(∂L/∂W) ({kind})")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def layer_heatmap_figure(run: Run, kind: str = "total") -> Figure:
+    """log10 gradient variance per parameter tensor (rows) and measured step (columns)."""
+    names = list(dict.fromkeys(f"{r['layer']}.{r['parameter']}" for r in run.gradient_variance if r["kind"] == kind))
+    steps = sorted({r["step"] for r in run.gradient_variance if r["kind"] == kind})
+    grid = np.full((len(names), len(steps)), np.nan)
+    row_of, col_of = {n: i for i, n in enumerate(names)}, {s: j for j, s in enumerate(steps)}
+    for r in run.gradient_variance:
+        if r["kind"] == kind:
+            grid[row_of[f"{r['layer']}.{r['parameter']}"], col_of[r["step"]]] = math.log10(max(r["variance"], 1e-30))
+    fig = Figure(figsize=(8, 0.25 * len(names) + 2), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ticks = np.linspace(0, max(len(steps) - 1, 0), min(len(steps), 8)).astype(int)
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks] if steps else [])
+    ax.set(xlabel="training step", ylabel="parameter tensor", title=f"{run.label}: log10 gradient variance ({kind})")
+    fig.colorbar(image, ax=ax, label="log10 variance")
+    return fig
+
+
+def validation_figure(runs: Sequence[Run], sets: Sequence[str] = ("source", "target")) -> Figure:
+    """Validation error (1 − accuracy) per step for each evaluation set, one line per run."""
+    fig = Figure(figsize=(5 * len(sets), 4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(sets)))
+    for name, ax in zip(sets, axes):
+        for run in runs:
+            points = run.metrics.get(f"val/{name}/acc", [])
+            if points:
+                ax.plot([s for s, _ in points], [1 - a for _, a in points], marker=".", label=run.label)
+        ax.set(xlabel="training step", ylabel="validation error", title=f"{name} validation error")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def activation_gallery_figure(run: Run, last: int = 3) -> Figure:
+    """The run's latest activation plots (PNG files written by ``ActivationPlot``), side by side."""
+    import matplotlib.image
+
+    paths = run.activations[-last:]
+    fig = Figure(figsize=(5 * max(len(paths), 1), 3.6), layout="constrained")
+    fig.suptitle(f"{run.label}: activations of a norm layer with its mixture")
+    for i, path in enumerate(paths):
+        ax = fig.add_subplot(1, len(paths), i + 1)
+        ax.imshow(matplotlib.image.imread(path))
+        ax.set_title(path.stem, fontsize=8)
+        ax.axis("off")
+    return fig
+
+
+def write_figures(run_dirs: Sequence[str | Path], out: str | Path | None = None, kind: str = "total") -> list[Path]:
+    """Write every figure of the runs as PNG into ``out`` (default: the first run's ``figures/``)."""
+    runs = [load_run(p) for p in run_dirs]
+    out = Path(out) if out is not None else runs[0].path / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"gradient_variance.png": gradient_variance_figure(runs, kind),
+               "validation.png": validation_figure(runs)}
+    for i, run in enumerate(runs):
+        tag = f"{i}-{run.path.name}"
+        figures[f"heatmap-{tag}.png"] = layer_heatmap_figure(run, kind)
+        if run.activations:
+            figures[f"activations-{tag}.png"] = activation_gallery_figure(run)
+    written = []
+    for name, figure in figures.items():
+        figure.savefig(out / name, dpi=100)
+        written.append(out / name)
+    return written
+
+
+def main(args: Sequence[str] | None = None) -> list[Path]:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m adamatch_uan.plots", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dirs", nargs="+", help="run directories written by adamatch_uan.fit")
+    parser.add_argument("--out", type=str | None, default=None, help="output folder (default RUN_DIR/figures)")
+    parser.add_argument("--kind", type=str, default="total",
+                        help="gradient kind: total, source, target, logits_source, logits_target")
+    config = parser.parse_args(args)
+    written = write_figures(config.run_dirs, config.out, config.kind)
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()
