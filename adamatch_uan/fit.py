@@ -39,7 +39,8 @@ class FitCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
         parser.set_defaults({"model": {"class_path": "adamatch_uan.methods.AdaMatch"},
                              "trainer.max_steps": 10_000, "trainer.val_check_interval": 500,
-                             "trainer.check_val_every_n_epoch": None, "trainer.log_every_n_steps": 10})
+                             "trainer.check_val_every_n_epoch": None, "trainer.log_every_n_steps": 10,
+                             "seed_everything": 0})
 
     def before_instantiate_classes(self) -> None:
         config = self.config

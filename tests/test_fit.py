@@ -71,6 +71,7 @@ def test_help_and_print_config():
     assert fit("--help").returncode == 0
     printed = fit("--print_config", "--norm", "uan")
     assert printed.returncode == 0 and "AdaMatch" in printed.stdout
+    assert "seed_everything: 0" in printed.stdout  # runs are reproducible by default
     insight = fit("--print_config", "--trainer.callbacks+=adamatch_uan.callbacks.GradientVariance",
                   "--trainer.callbacks.every_n_steps", "7")
     assert insight.returncode == 0 and "GradientVariance" in insight.stdout and "every_n_steps: 7" in insight.stdout

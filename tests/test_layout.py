@@ -14,6 +14,9 @@ FORBIDDEN = {
     "methods": ["adamatch_uan.data", "adamatch_uan.fit"],
     "data": ["adamatch_uan.models", "adamatch_uan.methods", "adamatch_uan.norm", "adamatch_uan.fit"],
     "augment.py": ["adamatch_uan.", "lightning"],
+    "callbacks": ["adamatch_uan.methods", "adamatch_uan.data", "adamatch_uan.models", "adamatch_uan.fit"],
+    "plots.py": ["adamatch_uan.methods", "adamatch_uan.data", "adamatch_uan.models", "adamatch_uan.callbacks",
+                 "adamatch_uan.fit", "lightning"],
 }
 
 

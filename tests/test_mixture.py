@@ -47,6 +47,15 @@ def test_given_statistics_replace_batch_statistics(backend):
     torch.testing.assert_close(y, transform(x, lw, mu, var, gamma, beta, 1e-5, stats=stats))
 
 
+def test_gradcheck_with_given_statistics(backend):
+    x, lw, mu, var, gamma, beta, context = random_problem(N=4, C=2, spatial=(3,), G=2)
+    alpha, delta2 = torch.randn(3, 2, dtype=x.dtype), torch.rand(3, 2, dtype=x.dtype) + 0.1
+    inputs = leaves(x, lw, mu, var, gamma, beta, alpha, delta2)
+    fn = lambda x, lw, mu, var, g, b, a, d: mixture_normalize(x, Mixture(lw, mu, var), g, b, 1e-5, context,
+                                                              stats=(a, d))[0]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
 def test_gradcheck_in_float64(backend):
     x, lw, mu, var, gamma, beta, context = random_problem(N=4, C=2, spatial=(3,), G=2)
     inputs = leaves(x, lw, mu, var, gamma, beta)

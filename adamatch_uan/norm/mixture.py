@@ -18,7 +18,8 @@ exact in real arithmetic and avoids the cancellation of Σ τ x² for large |x|;
 what a distributed version all-reduces (with a shift common to all processes).
 
 The layer is one autograd node: two full-size passes forward (sums, output) and two
-backward (analytic, the second adding to the first's input gradient). Gradients flow to x,
+backward (analytic, the second adding to the first's input gradient); the small (K, C)
+maths between them is differentiated by hand too. Gradients flow to x,
 to the mixture (through τ), and to γ, β; the mixture may instead be constant (MN's EM
 estimates).
 """
@@ -75,32 +76,41 @@ def stats_from_sums(sums: Tensor, shift: Tensor) -> BatchStats:
 
 
 class _Transform(Function):
-    """Both passes of §2 as one autograd node.
+    """Both passes of §2 as one autograd node, with the (K, C)-sized maths between them
+    differentiated by hand (no nested autograd), so the per-call cost stays small.
 
-    The (K, C)-sized maths between the passes (sums → α, δ² → per-component scales) is built
-    as a small graph on detached leaves and differentiated with a nested autograd call in
-    backward, so the two full-size backward passes write one input gradient.
+    Forward, with h = 1/(2σ²), lc = log λ − ½ log(2πσ²) and sums S about the shift s:
+        α = s + S1/S0,  δ² = max(S2/S0 − (S1/S0)², 0),  A_gk = γ λ_gk^(−½) (δ_k² + ε)^(−½),
+        y = β + Σ_k τ_k A_gk (x − α_k).
+    Backward: the output pass gives ∂L/∂x (direct part) and E0 = Σ g τ, E1 = Σ g τ (x − α);
+    then ∂L/∂α = −Σ_g A E0, ∂L/∂A = E1, ∂L/∂δ² = −½ Σ_g E1 A / (δ² + ε), and through α, δ² to
+    ∂L/∂S, which the sums pass turns into the rest of ∂L/∂x and the responsibilities' part of
+    ∂L/∂(μ, h, lc). The shift is a constant: ∂α/∂s = 1 − S0/S0 = 0 in exact arithmetic.
     """
 
     @staticmethod
     def forward(ctx, x, context, eps, log_weight, mean, var, weight, bias, alpha_in, delta2_in):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() if t is not None else None
-                      for t in (log_weight, mean, var, weight, bias, alpha_in, delta2_in)]
-            lw, mu, var_, gamma, beta, alpha, delta2 = leaves
-            h, lc = _logit_terms(lw, var_)
-            sums = shift = None
-            if alpha is None:
-                shift = x[0, :, 0]
-                sums = kernel.stats(x, context, mu.detach(), h.detach(), lc.detach(), shift).requires_grad_()
-                count, alpha, delta2 = stats_from_sums(sums, shift)
-            A = gamma * torch.exp(-0.5 * lw) * torch.rsqrt(delta2 + eps)
-        y = kernel.apply(x, context, mu.detach(), h.detach(), lc.detach(), alpha.detach(), A.detach(), beta.detach())
+        h, lc = _logit_terms(log_weight, var)
+        batch = alpha_in is None
+        if batch:
+            shift = x[0, :, 0].clone()
+            sums = kernel.stats(x, context, mean, h, lc, shift)
+            count = sums[0]
+            safe = count.clamp_min(torch.finfo(sums.dtype).tiny ** 0.5)
+            m1, m2 = sums[1] / safe, sums[2] / safe
+            alpha, raw = shift + m1, m2 - m1 * m1
+            delta2 = raw.clamp_min(0)
+        else:
+            alpha, delta2 = alpha_in, delta2_in
+        inv_sqrt_weight, rstd = torch.exp(-0.5 * log_weight), torch.rsqrt(delta2 + eps)
+        A = weight * inv_sqrt_weight * rstd
+        y = kernel.apply(x, context, mean, h, lc, alpha, A, bias)
         ctx.save_for_backward(x, context)
-        ctx.graph = (leaves, sums, shift, h, lc, alpha, A)
-        if sums is None:
+        ctx.tables = (mean, var, h, lc, alpha, delta2, A, inv_sqrt_weight, rstd, eps)
+        ctx.batch = (shift, safe, m1, m2, count, raw) if batch else None
+        if not batch:
             return y
-        stats = (count.detach(), alpha.detach(), delta2.detach())
+        stats = (count, alpha, delta2)
         ctx.mark_non_differentiable(*stats)
         return y, *stats
 
@@ -108,25 +118,31 @@ class _Transform(Function):
     @once_differentiable
     def backward(ctx, gy, *unused):
         x, context = ctx.saved_tensors
-        leaves, sums, shift, h, lc, alpha, A = ctx.graph
-        mu = leaves[1]
-        need_mixture = any(ctx.needs_input_grad[3:6])
-        plain = [t.detach() for t in (mu, h, lc)]
-        dx, (E0, E1, L0, R1, R2) = kernel.apply_backward(gy.contiguous(), x, context, *plain,
-                                                         alpha.detach(), A.detach(), need_mixture)
-        g_alpha = -(A.detach() * E0).sum(0)
-        g_h, g_lc, g_mu = -R2.sum(0), L0, 2 * plain[1] * R1.sum(0)
-        if sums is not None:
-            (dS,) = torch.autograd.grad([alpha, A], [sums], [g_alpha, E1], retain_graph=True)
-            L0s, R1s, R2s = kernel.stats_backward(dS.contiguous(), x, context, *plain, shift, need_mixture, dx)
-            g_h, g_lc, g_mu = g_h - R2s.sum(0), g_lc + L0s, g_mu + 2 * plain[1] * R1s.sum(0)
-        outputs = [h, lc, mu, A, leaves[4]] + ([alpha] if sums is None else [])
-        grads = [g_h, g_lc, g_mu, E1, E0.sum((0, 1))] + ([g_alpha] if sums is None else [])
-        inputs = [t for t in leaves if t is not None]
-        # The small graph is kept (retain_graph) so the node can be backpropagated again,
-        # as the outer graph allows with retain_graph=True.
-        found = iter(torch.autograd.grad(outputs, inputs, grads, allow_unused=True, retain_graph=True))
-        return dx, None, None, *(next(found) if t is not None else None for t in leaves)
+        mean, var, h, lc, alpha, delta2, A, inv_sqrt_weight, rstd, eps = ctx.tables
+        need = ctx.needs_input_grad
+        need_mixture = any(need[3:6])
+        dx, (E0, E1, L0, R1, R2) = kernel.apply_backward(gy.contiguous(), x, context, mean, h, lc, alpha, A,
+                                                         need_mixture)
+        g_alpha = -(A * E0).sum(0)
+        g_delta2 = -0.5 * (E1 * A).sum(0) / (delta2 + eps)
+        g_h, g_lc, g_mu = -R2.sum(0), L0, 2 * h * R1.sum(0)
+        if ctx.batch is not None:
+            shift, safe, m1, m2, count, raw = ctx.batch
+            g_raw = g_delta2 * (raw >= 0)
+            g_S0 = -(g_alpha * m1 + g_raw * (m2 - 2 * m1 * m1)) / safe * (count >= safe)
+            dS = torch.stack([g_S0, (g_alpha - 2 * m1 * g_raw) / safe, g_raw / safe])
+            L0s, R1s, R2s = kernel.stats_backward(dS, x, context, mean, h, lc, shift, need_mixture, dx)
+            g_h, g_lc, g_mu = g_h - R2s.sum(0), g_lc + L0s, g_mu + 2 * h * R1s.sum(0)
+        grads = {
+            3: lambda: g_lc - 0.5 * E1 * A,                                    # log λ
+            4: lambda: g_mu,                                                   # μ
+            5: lambda: -0.5 * (g_h / var + g_lc.sum(0)) / var,                 # σ²
+            6: lambda: (E1 * inv_sqrt_weight * rstd).sum((0, 1)),              # γ
+            7: lambda: E0.sum((0, 1)),                                         # β
+            8: lambda: g_alpha,                                                # given α
+            9: lambda: g_delta2,                                               # given δ²
+        }
+        return dx, None, None, *(grads[i]() if need[i] else None for i in range(3, 10))
 
 
 def _validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
