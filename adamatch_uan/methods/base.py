@@ -62,6 +62,8 @@ class DomainAdaptationMethod(L.LightningModule):
     Training batches are ``{"source": (images, labels), "target": images}`` of uint8 images;
     evaluation batches are ``(images, labels)``, one dataloader per entry of ``eval_names``.
     The EMA model (parameters and buffers) is what validation and test evaluate.
+    ``training_step`` also leaves ``self.loss_terms`` (name → term, the terms sum to the
+    loss), which ``GradientVariance(split=True)`` differentiates one by one.
 
     Args:
         backbone: a name from ``adamatch_uan.models.BACKBONES``.

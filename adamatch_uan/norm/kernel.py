@@ -111,7 +111,8 @@ def _run(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Te
         _run_transposed(name, x, ctx, mu, h, lc, out=out, red=red, grad=grad, shift=shift, alpha=alpha,
                         A=A, beta=beta, dS=dS, need_param_grads=need_param_grads)
         return
-    keep = [t.contiguous() if t is not None else None for t in (x, ctx, grad, mu, h, lc, shift, alpha, A, beta, dS)]
+    keep = [t if t is None or t.is_contiguous() else t.contiguous()
+            for t in (x, ctx, grad, mu, h, lc, shift, alpha, A, beta, dS)]
     x, ctx, grad, mu, h, lc, shift, alpha, A, beta, dS = keep
     args = _MixArgs(_ptr(x), _ptr(ctx), _ptr(grad), N, C, P, mu.shape[0], lc.shape[0],
                     _ptr(mu), _ptr(h), _ptr(lc), _ptr(shift), _ptr(alpha), _ptr(A), _ptr(beta),
