@@ -78,6 +78,10 @@ def activation_figure(samples: Mapping[str, np.ndarray], mixture: tuple[np.ndarr
     the layer's mixture drawn over them: one curve per component (label ``component k``) and,
     for K > 1, their sum (label ``mixture``)."""
     values = {name: (s[:, channel] if channel is not None else s.ravel()) for name, s in samples.items()}
+    # A diverging run must still get its picture (and never crash training): plot the finite
+    # values and say how many were not.
+    bad = sum(int((~np.isfinite(v)).sum()) for v in values.values())
+    values = {name: v[np.isfinite(v)] for name, v in values.items()}
     everything = np.concatenate(list(values.values()))
     lo, hi = np.percentile(everything, [0.5, 99.5]) if everything.size else (-1.0, 1.0)
     lo, hi = (lo - 1, hi + 1) if hi - lo < 1e-6 else (lo, hi)
@@ -93,6 +97,8 @@ def activation_figure(samples: Mapping[str, np.ndarray], mixture: tuple[np.ndarr
         ax.plot(x, components.sum(0), "k--", lw=1, label="mixture")
     ax.set(xlabel="activation (norm layer input)", ylabel="density",
            title=title + (f", channel {channel}" if channel is not None else ", all channels"))
+    if bad:
+        ax.text(0.02, 0.95, f"{bad} non-finite values not shown", transform=ax.transAxes, color="red", va="top")
     ax.legend(fontsize=7)
     return fig
 

@@ -64,6 +64,14 @@ def test_activation_figure_draws_one_curve_per_component(K):
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
 
 
+def test_activation_figure_survives_non_finite_activations():
+    samples = {"source": np.array([[np.nan, 1.0], [np.inf, 2.0]]), "target": np.full((3, 2), np.nan)}
+    ax = plots.activation_figure(samples, random_mixture(C=2)).axes[0]
+    assert any("8 non-finite" in t.get_text() for t in ax.texts)
+    nothing = plots.activation_figure({"source": np.full((2, 2), np.nan)}, random_mixture(C=2)).axes[0]
+    assert nothing.get_xlim()[0] < nothing.get_xlim()[1]
+
+
 def fake_run(folder, norm, steps=(0, 10, 20)):
     """A run directory as adamatch_uan.fit writes it, hand-made."""
     folder.mkdir(parents=True)
