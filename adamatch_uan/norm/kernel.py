@@ -12,7 +12,8 @@ Every pass takes ``x`` of shape (N, C, P) and a per-channel 1-D Gaussian mixture
   parameter gradient (see ``mixture.py``).
 
 The compiled kernel (``mixture_kernel.cpp``) recomputes tau in registers in each pass, so a
-pass reads x once; it is built with the system C++ compiler on first use and cached in
+pass reads x once. It vectorizes along the positions of each (sample, channel) row when
+P > 1, and along the channels of each sample for (N, C, 1) inputs (no transpose). It is built with the system C++ compiler on first use and cached in
 ``$ADAMATCH_UAN_CACHE`` (default ``~/.cache/adamatch_uan``). It serves contiguous CPU
 float32/float64 inputs with K <= 8. Everything else, and every input when the environment
 sets ``ADAMATCH_UAN_KERNEL=0`` or no compiler is found, runs on the torch-ops backend.
@@ -107,10 +108,6 @@ def _run(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Te
          shift: Tensor | None = None, alpha: Tensor | None = None, A: Tensor | None = None,
          beta: Tensor | None = None, dS: Tensor | None = None, need_param_grads: bool = False) -> None:
     N, C, P = x.shape
-    if P == 1 and N > 1:
-        _run_transposed(name, x, ctx, mu, h, lc, out=out, red=red, grad=grad, shift=shift, alpha=alpha,
-                        A=A, beta=beta, dS=dS, need_param_grads=need_param_grads)
-        return
     keep = [t if t is None or t.is_contiguous() else t.contiguous()
             for t in (x, ctx, grad, mu, h, lc, shift, alpha, A, beta, dS)]
     x, ctx, grad, mu, h, lc, shift, alpha, A, beta, dS = keep
@@ -121,28 +118,6 @@ def _run(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Te
     threads = min(torch.get_num_threads(), C) if x.numel() >= _PARALLEL_MIN_ELEMENTS else 1
     if getattr(_library(), name)(is_double, ctypes.byref(args), threads):
         raise RuntimeError(f"mixture kernel {name} failed for K = {mu.shape[0]}")
-
-
-def _run_transposed(name: str, x: Tensor, ctx: Tensor | None, mu: Tensor, h: Tensor, lc: Tensor, *,
-                    out: Tensor | None, red: Tensor | None, grad: Tensor | None, A: Tensor | None,
-                    **tables) -> None:
-    """(N, C, 1) inputs: each group's samples become one row per channel, (1, C, N_g), so the
-    kernel's SIMD loop runs along the batch instead of over rows of length 1."""
-    groups = [(0, slice(None))] if ctx is None else [(g, (ctx == g).nonzero().squeeze(1)) for g in range(lc.shape[0])]
-    for g, rows in groups:
-        if isinstance(rows, Tensor) and rows.numel() == 0:
-            continue
-        as_row = lambda t: None if t is None else t[rows, :, 0].t().contiguous().unsqueeze(0)
-        out_g = as_row(out)
-        red_g = None if red is None else torch.zeros_like(red if red.dim() == 3 else red[:, :1])
-        _run(name, as_row(x), None, mu, h, lc[g:g + 1], out=out_g, red=red_g, grad=as_row(grad),
-             A=None if A is None else A[g:g + 1], **tables)
-        if out is not None:
-            out[rows, :, 0] = out_g[0].t()
-        if red is not None and red.dim() == 3:
-            red += red_g  # stats: sums pooled over groups
-        elif red is not None:
-            red[:, g] = red_g[:, 0]
 
 
 # ---- torch-ops backend: the same passes, materialising (N, K, C, P) tensors ----

@@ -187,17 +187,12 @@ def mixture_normalize(x: Tensor, mixture: Mixture, weight: Tensor | None, bias: 
     groups = mixture.log_weight.shape[0]
     context = _validate_context(context, n, groups, x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # Without contexts every sample of a 2-D input shares one table: the batch can be the
-    # positions of a single sample, (1, C, N), so the passes run along the batch directly.
-    batch_as_positions = x.dim() == 2 and context is None
     with torch.autocast(x.device.type, enabled=False):
-        x3 = x.reshape(n, c, -1)
-        x3 = (x3.transpose(0, 2) if batch_as_positions else x3).to(compute).contiguous()
+        x3 = x.reshape(n, c, -1).to(compute).contiguous()
         gamma = weight if weight is not None else torch.ones(c, device=x.device)
         beta = bias if bias is not None else torch.zeros(c, device=x.device)
         given = (None, None) if stats is None else stats
         tensors = [t.to(compute) for t in (*mixture, gamma, beta)] + [t if t is None else t.to(compute) for t in given]
         out = _Transform.apply(x3, context, eps, *tensors)
     y, batch = (out, None) if stats is not None else (out[0], BatchStats(*out[1:]))
-    y = y.transpose(0, 2) if batch_as_positions else y
     return y.reshape(x.shape).to(x.dtype), batch

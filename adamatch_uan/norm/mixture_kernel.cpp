@@ -69,8 +69,8 @@ MIX_INLINE float vexp(float x) {
 }
 MIX_INLINE double vexp(double x) { return std::exp(x); }
 
-template <typename T, int K>
-MIX_INLINE void responsibilities(T xv, const T* m, const T* hh, const T* l0, T* t) {
+template <typename T, int K, typename Tab>
+MIX_INLINE void responsibilities(T xv, const Tab& m, const Tab& hh, const Tab& l0, T* t) {
   T l[K];
   T mx = l0[0] - hh[0] * (xv - m[0]) * (xv - m[0]);
   l[0] = mx;
@@ -90,6 +90,100 @@ MIX_INLINE void responsibilities(T xv, const T* m, const T* hh, const T* l0, T* 
   MIX_UNROLL
   for (int k = 0; k < K; ++k) t[k] *= inv;
 }
+
+// Context (group) of sample n.
+MIX_INLINE int64_t row_group(const MixArgs& a, int64_t n) { return a.ctx ? a.ctx[n] : 0; }
+
+// ---- Per-element maths, shared by both layouts; add(r, k, v) accumulates reduction r. ----
+
+// Stats: tau_k * {1, xt, xt^2}, xt = x - shift.
+template <typename T, int K, typename Tab, typename Add>
+MIX_INLINE void stats_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, Add&& add) {
+  T t[K];
+  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  const T xt = xv - sh;
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) {
+    add(0, k, t[k]);
+    add(1, k, t[k] * xt);
+    add(2, k, t[k] * xt * xt);
+  }
+}
+
+// Output: y = beta + sum_k tau_k * A[g,k] * (x - alpha_k).
+template <typename T, int K, typename Tab>
+MIX_INLINE T apply_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag, const Tab& al, T b) {
+  T t[K];
+  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  T s = b;
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) s += t[k] * Ag[k] * (xv - al[k]);
+  return s;
+}
+
+// Backward of apply: returns d loss / dx and accumulates E0 = g tau, E1 = g tau (x - alpha)
+// and, with Params, L0 = dl, R1 = dl (x - mu), R2 = dl (x - mu)^2, dl = d loss / d logit.
+template <typename T, int K, bool Params, typename Tab, typename Add>
+MIX_INLINE T apply_backward_element(T xv, T gv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag,
+                                    const Tab& al, Add&& add) {
+  T t[K], u[K];
+  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  T yhat = 0, direct = 0;
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) {
+    u[k] = Ag[k] * (xv - al[k]);
+    yhat += t[k] * u[k];
+    direct += t[k] * Ag[k];
+  }
+  T through_logits = 0;
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const T gt = gv * t[k];
+    const T dl = gt * (u[k] - yhat);
+    const T d = xv - m[k];
+    add(0, k, gt);
+    add(1, k, gt * (xv - al[k]));
+    if (Params) {
+      add(2, k, dl);
+      add(3, k, dl * d);
+      add(4, k, dl * d * d);
+    }
+    through_logits += dl * hh[k] * d;
+  }
+  return gv * direct - T(2) * through_logits;
+}
+
+// Backward of stats given dS: returns the part of d loss / dx and, with Params,
+// accumulates L0, R1, R2 as above.
+template <typename T, int K, bool Params, typename Tab, typename Add>
+MIX_INLINE T stats_backward_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, const Tab& d0,
+                                    const Tab& d1, const Tab& d2, Add&& add) {
+  T t[K], e[K];
+  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  const T xt = xv - sh;
+  T ebar = 0, direct = 0;
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) {
+    e[k] = d0[k] + (d1[k] + d2[k] * xt) * xt;
+    ebar += t[k] * e[k];
+    direct += t[k] * (d1[k] + T(2) * d2[k] * xt);
+  }
+  T through_logits = 0;
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const T dl = t[k] * (e[k] - ebar);
+    const T d = xv - m[k];
+    if (Params) {
+      add(0, k, dl);
+      add(1, k, dl * d);
+      add(2, k, dl * d * d);
+    }
+    through_logits += dl * hh[k] * d;
+  }
+  return direct - T(2) * through_logits;
+}
+
+// ---- Spatial layout (P > 1): SIMD along the positions of one (sample, channel) row. ----
 
 // Rows of one channel are C*P elements apart, so each short row starts on a cold page
 // where the hardware prefetcher has not ramped up: fetch the start of the next row early.
@@ -143,7 +237,11 @@ struct Lanes {
     std::fill(v, v + R * K * L, T(0));
     rows = 0;
   }
-  T* at(int r, int k) { return v + (r * K + k) * L; }
+  // add(r, k, v) for lane j.
+  MIX_INLINE auto adder(int j) {
+    T* s = v;
+    return [s, j](int r, int k, T value) { s[(r * K + k) * L + j] += value; };
+  }
   // Writes the totals of channel c into red laid out (R, G, K, C).
   void store(void* red, int64_t c, int64_t C) {
     flush();
@@ -169,7 +267,7 @@ struct Channel {
       hh[k] = static_cast<const T*>(a.h)[k * a.C + c];
     }
   }
-  int64_t group(int64_t n) const { return a.ctx ? a.ctx[n] : 0; }
+  int64_t group(int64_t n) const { return row_group(a, n); }
   // table laid out (R, K, C): row r of channel c.
   void table(const void* t, int64_t r, T* dst) const {
     MIX_UNROLL
@@ -194,17 +292,8 @@ MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
       acc.row(0);
       const T* __restrict__ xr = ch.row(a.x, n);
       if (n + 1 < a.N) prefetch_row(ch.row(a.x, n + 1), a.P);
-      T* __restrict__ s0 = acc.at(0, 0);
-      for_positions<L>(a.P, [=](int64_t p, int j) {
-        T t[K];
-        responsibilities<T, K>(xr[p], ch.m, ch.hh, l0, t);
-        T xt = xr[p] - sh;
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k) {
-          s0[k * L + j] += t[k];
-          s0[(K + k) * L + j] += t[k] * xt;
-          s0[(2 * K + k) * L + j] += t[k] * xt * xt;
-        }
+      for_positions<L>(a.P, [&](int64_t p, int j) {
+        stats_element<T, K, const T*>(xr[p], ch.m, ch.hh, l0, sh, acc.adder(j));
       });
     }
     acc.store(a.red, c, a.C);
@@ -231,21 +320,12 @@ MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
         prefetch_row(ch.row(a.x, n + 1), a.P);
         prefetch_row(ch.row(a.out, n + 1), a.P, true);
       }
-      for_positions<L>(a.P, [=](int64_t p, int) {
-        T t[K];
-        T xv = xr[p];
-        responsibilities<T, K>(xv, ch.m, ch.hh, l0, t);
-        T s = b;
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k) s += t[k] * Ag[k] * (xv - al[k]);
-        yr[p] = s;
-      });
+      for_positions<L>(a.P, [&](int64_t p, int) { yr[p] = apply_element<T, K, const T*>(xr[p], ch.m, ch.hh, l0, Ag, al, b); });
     }
   }
 }
 
-// Backward of apply. red (5, G, K, C): E0 = sum g tau, E1 = sum g tau (x - alpha),
-// L0 = sum dl, R1 = sum dl (x - mu), R2 = sum dl (x - mu)^2 with dl = d loss / d logit.
+// Backward of apply. red (5, G, K, C): E0, E1, L0, R1, R2 of apply_backward_element.
 // Without need_param_grads only E0, E1 are reduced (the last three stay 0).
 template <typename T, int K, bool Params>
 MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
@@ -270,34 +350,8 @@ MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
         prefetch_row(ch.row(a.grad, n + 1), a.P);
         prefetch_row(ch.row(a.out, n + 1), a.P, true);
       }
-      T* __restrict__ s = acc.at(0, 0);
-      for_positions<L>(a.P, [=](int64_t p, int j) {
-        T t[K], u[K];
-        T xv = xr[p], gv = gr[p];
-        responsibilities<T, K>(xv, ch.m, ch.hh, l0, t);
-        T yhat = 0, direct = 0;
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k) {
-          u[k] = Ag[k] * (xv - al[k]);
-          yhat += t[k] * u[k];
-          direct += t[k] * Ag[k];
-        }
-        T through_logits = 0;
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k) {
-          T gt = gv * t[k];
-          T dl = gt * (u[k] - yhat);
-          T d = xv - ch.m[k];
-          s[k * L + j] += gt;
-          s[(K + k) * L + j] += gt * (xv - al[k]);
-          if (Params) {
-            s[(2 * K + k) * L + j] += dl;
-            s[(3 * K + k) * L + j] += dl * d;
-            s[(4 * K + k) * L + j] += dl * d * d;
-          }
-          through_logits += dl * ch.hh[k] * d;
-        }
-        dxr[p] = gv * direct - T(2) * through_logits;
+      for_positions<L>(a.P, [&](int64_t p, int j) {
+        dxr[p] = apply_backward_element<T, K, Params, const T*>(xr[p], gr[p], ch.m, ch.hh, l0, Ag, al, acc.adder(j));
       });
     }
     acc.store(a.red, c, a.C);
@@ -305,8 +359,8 @@ MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
 }
 
 // Backward of stats given dS (3, K, C); adds the input gradient to `out` (apply_backward's
-// result), so the layer writes one input-gradient tensor. red (3, G, K, C): L0, R1, R2 as in
-// apply_backward (0 without need_param_grads).
+// result), so the layer writes one input-gradient tensor. red (3, G, K, C): L0, R1, R2
+// (0 without need_param_grads).
 template <typename T, int K, bool Params>
 MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
   constexpr int L = kLanes<T>;
@@ -330,52 +384,205 @@ MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
         prefetch_row(ch.row(a.x, n + 1), a.P);
         prefetch_row(ch.row(a.out, n + 1), a.P, true);
       }
-      T* __restrict__ s = acc.at(0, 0);
-      for_positions<L>(a.P, [=](int64_t p, int j) {
-        T t[K], e[K];
-        T xv = xr[p];
-        responsibilities<T, K>(xv, ch.m, ch.hh, l0, t);
-        T xt = xv - sh;
-        T ebar = 0, direct = 0;
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k) {
-          e[k] = d0[k] + (d1[k] + d2[k] * xt) * xt;
-          ebar += t[k] * e[k];
-          direct += t[k] * (d1[k] + T(2) * d2[k] * xt);
-        }
-        T through_logits = 0;
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k) {
-          T dl = t[k] * (e[k] - ebar);
-          T d = xv - ch.m[k];
-          if (Params) {
-            s[k * L + j] += dl;
-            s[(K + k) * L + j] += dl * d;
-            s[(2 * K + k) * L + j] += dl * d * d;
-          }
-          through_logits += dl * ch.hh[k] * d;
-        }
-        dxr[p] += direct - T(2) * through_logits;
+      for_positions<L>(a.P, [&](int64_t p, int j) {
+        dxr[p] += stats_backward_element<T, K, Params, const T*>(xr[p], ch.m, ch.hh, l0, sh, d0, d1, d2, acc.adder(j));
       });
     }
     acc.store(a.red, c, a.C);
   }
 }
 
+// ---- Flat layout (P == 1, x is (N, C)): SIMD along the channels of one sample. ----
+// Each lane is its own channel, so the per-channel tables are loaded as vectors and the
+// reductions are accumulated per channel directly; no transpose, and contexts are per row.
+
+// Float accumulators per (R, G, K, channel of [c0, c1)), flushed into double totals.
+template <typename T, int R, int K>
+struct ChannelSums {
+  int64_t G, width;
+  std::vector<T> v;
+  std::vector<double> total;
+  int rows = 0;
+  ChannelSums(int64_t groups, int64_t c0, int64_t c1)
+      : G(groups), width(c1 - c0), v(R * groups * K * (c1 - c0)), total(v.size()) {}
+  // Accumulator of (r, k, channel c) for group g is at(g)[r * rstride() + k * width + c]:
+  // a plain local pointer hoisted out of the SIMD loop.
+  T* at(int64_t g, int64_t c0) { return v.data() + g * K * width - c0; }
+  int64_t rstride() const { return G * K * width; }
+  void row() {
+    if (++rows == kFlushRows * kLanes<T>) flush();
+  }
+  void flush() {
+    for (size_t i = 0; i < v.size(); ++i) total[i] += v[i];
+    std::fill(v.begin(), v.end(), T(0));
+    rows = 0;
+  }
+  // Writes the totals into red laid out (R, G, K, C), channels [c0, c0 + width).
+  void store(void* red, int64_t c0, int64_t C) {
+    flush();
+    T* out = static_cast<T*>(red);
+    for (int64_t rgk = 0; rgk < R * G * K; ++rgk)
+      for (int64_t i = 0; i < width; ++i) out[rgk * C + c0 + i] = static_cast<T>(total[rgk * width + i]);
+  }
+};
+
+// Row r of a table laid out (R, K, C), as a typed pointer hoisted out of the SIMD loop
+// (a load through MixArgs' void pointers inside it stops vectorization).
+template <typename T>
+MIX_INLINE const T* __restrict__ table_row(const void* t, int64_t r, int64_t K, int64_t C) {
+  return static_cast<const T*>(t) + r * K * C;
+}
+
+// Entry [k] is t[k, c] of a (K, C) table row: read where used, so each lane loads its own
+// channel's value as part of one vector load.
+template <typename T>
+struct Column {
+  const T* __restrict__ t;
+  int64_t C, c;
+  MIX_INLINE T operator[](int k) const { return t[k * C + c]; }
+};
+
 template <typename T, int K>
-struct StatsPass { static void run(const MixArgs& a, int64_t c0, int64_t c1) { stats<T, K>(a, c0, c1); } };
+MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t C = a.C;
+  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
+  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
+  ChannelSums<T, 3, K> acc(1, c0, c1);
+  const T* sh = static_cast<const T*>(a.shift);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    const int64_t g = row_group(a, n);
+    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
+    T* __restrict__ s = acc.at(0, c0);
+    const int64_t w = acc.width, rs = acc.rstride();
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      const Column<T> m{mu, C, c};
+      const Column<T> hh{h, C, c};
+      const Column<T> l0{lc_g, C, c};
+      stats_element<T, K, Column<T>>(xr[c], m, hh, l0, sh[c], [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
+    }
+    acc.row();
+  }
+  acc.store(a.red, c0, a.C);
+}
+
 template <typename T, int K>
-struct ApplyPass { static void run(const MixArgs& a, int64_t c0, int64_t c1) { apply<T, K>(a, c0, c1); } };
+MIX_PASS void apply_flat(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t C = a.C;
+  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
+  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
+  const T* __restrict__ alpha = table_row<T>(a.alpha, 0, K, C);
+  const T* beta = static_cast<const T*>(a.beta);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    T* __restrict__ yr = static_cast<T*>(a.out) + n * C;
+    const int64_t g = row_group(a, n);
+    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
+    const T* __restrict__ A_g = table_row<T>(a.A, g, K, C);
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      const Column<T> m{mu, C, c};
+      const Column<T> hh{h, C, c};
+      const Column<T> l0{lc_g, C, c};
+      const Column<T> Ag{A_g, C, c};
+      const Column<T> al{alpha, C, c};
+      yr[c] = apply_element<T, K, Column<T>>(xr[c], m, hh, l0, Ag, al, beta[c]);
+    }
+  }
+}
+
+template <typename T, int K, bool Params>
+MIX_PASS void apply_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t C = a.C;
+  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
+  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
+  const T* __restrict__ alpha = table_row<T>(a.alpha, 0, K, C);
+  ChannelSums<T, 5, K> acc(a.G, c0, c1);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    const T* __restrict__ gr = static_cast<const T*>(a.grad) + n * C;
+    T* __restrict__ dxr = static_cast<T*>(a.out) + n * C;
+    const int64_t g = row_group(a, n);
+    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
+    const T* __restrict__ A_g = table_row<T>(a.A, g, K, C);
+    T* __restrict__ s = acc.at(g, c0);
+    const int64_t w = acc.width, rs = acc.rstride();
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      const Column<T> m{mu, C, c};
+      const Column<T> hh{h, C, c};
+      const Column<T> l0{lc_g, C, c};
+      const Column<T> Ag{A_g, C, c};
+      const Column<T> al{alpha, C, c};
+      dxr[c] = apply_backward_element<T, K, Params, Column<T>>(xr[c], gr[c], m, hh, l0, Ag, al, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
+    }
+    acc.row();
+  }
+  acc.store(a.red, c0, a.C);
+}
+
+template <typename T, int K, bool Params>
+MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t C = a.C;
+  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
+  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
+  const T* __restrict__ dS = table_row<T>(a.dS, 0, K, C);
+  const T* __restrict__ dS_1 = table_row<T>(a.dS, 1, K, C);
+  const T* __restrict__ dS_2 = table_row<T>(a.dS, 2, K, C);
+  ChannelSums<T, 3, K> acc(a.G, c0, c1);
+  const T* sh = static_cast<const T*>(a.shift);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    T* __restrict__ dxr = static_cast<T*>(a.out) + n * C;
+    const int64_t g = row_group(a, n);
+    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
+    T* __restrict__ s = acc.at(g, c0);
+    const int64_t w = acc.width, rs = acc.rstride();
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      const Column<T> m{mu, C, c};
+      const Column<T> hh{h, C, c};
+      const Column<T> l0{lc_g, C, c};
+      const Column<T> d0{dS, C, c};
+      const Column<T> d1{dS_1, C, c};
+      const Column<T> d2{dS_2, C, c};
+      dxr[c] += stats_backward_element<T, K, Params, Column<T>>(xr[c], m, hh, l0, sh[c], d0, d1, d2, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
+    }
+    acc.row();
+  }
+  acc.store(a.red, c0, a.C);
+}
+
+// Each pass picks its layout: flat for (N, C) inputs, spatial otherwise.
+template <typename T, int K>
+struct StatsPass {
+  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.P == 1 ? stats_flat<T, K>(a, c0, c1) : stats<T, K>(a, c0, c1);
+  }
+};
+template <typename T, int K>
+struct ApplyPass {
+  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.P == 1 ? apply_flat<T, K>(a, c0, c1) : apply<T, K>(a, c0, c1);
+  }
+};
 template <typename T, int K>
 struct ApplyBackwardPass {
   static void run(const MixArgs& a, int64_t c0, int64_t c1) {
-    a.need_param_grads ? apply_backward<T, K, true>(a, c0, c1) : apply_backward<T, K, false>(a, c0, c1);
+    if (a.P == 1)
+      a.need_param_grads ? apply_backward_flat<T, K, true>(a, c0, c1) : apply_backward_flat<T, K, false>(a, c0, c1);
+    else
+      a.need_param_grads ? apply_backward<T, K, true>(a, c0, c1) : apply_backward<T, K, false>(a, c0, c1);
   }
 };
 template <typename T, int K>
 struct StatsBackwardPass {
   static void run(const MixArgs& a, int64_t c0, int64_t c1) {
-    a.need_param_grads ? stats_backward<T, K, true>(a, c0, c1) : stats_backward<T, K, false>(a, c0, c1);
+    if (a.P == 1)
+      a.need_param_grads ? stats_backward_flat<T, K, true>(a, c0, c1) : stats_backward_flat<T, K, false>(a, c0, c1);
+    else
+      a.need_param_grads ? stats_backward<T, K, true>(a, c0, c1) : stats_backward<T, K, false>(a, c0, c1);
   }
 };
 
