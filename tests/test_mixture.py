@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from adamatch_uan.norm import Mixture, mixture_normalize
-from adamatch_uan.norm.mixture import stats_from_sums
 
 from formulas import transform
 
@@ -97,12 +96,21 @@ def test_sums_are_taken_about_a_shift_so_large_offsets_keep_precision(backend):
     torch.testing.assert_close(batch.var[0], x.double().var((0, 2, 3), unbiased=False).float(), rtol=1e-3, atol=0)
 
 
-def test_an_empty_component_yields_finite_statistics():
-    sums = torch.zeros(3, 2, 4)
-    sums[:, 0] = torch.tensor([5.0, 1.0, 3.0]).view(3, 1)
-    stats = stats_from_sums(sums, torch.full((4,), 7.0))
-    assert torch.isfinite(torch.stack(stats)).all()
-    torch.testing.assert_close(stats.mean[1], torch.full((4,), 7.0))
+@pytest.mark.parametrize("spatial", [(), (4, 4)])
+def test_an_empty_component_yields_finite_statistics_and_gradients(backend, spatial):
+    # Component 1 sits far from every value, so its responsibilities underflow (to 0, or to
+    # the kernel's smallest exponential, ~1e-38).
+    x = torch.randn(8, 2, *spatial, requires_grad=True)
+    mixture = Mixture(torch.log(torch.full((1, 2, 2), 0.5)).requires_grad_(),
+                      torch.tensor([[0.0, 0.0], [1e3, 1e3]], requires_grad=True),
+                      torch.tensor([[1.0, 1.0], [1e-2, 1e-2]], requires_grad=True))
+    y, batch = mixture_normalize(x, mixture, None, None, 1e-5)
+    assert batch.count[1].max() < 1e-30
+    torch.testing.assert_close(batch.mean[1], x.detach()[0].reshape(2, -1)[:, 0])  # α = the shift
+    torch.testing.assert_close(batch.var[1], torch.zeros(2))
+    y.pow(2).sum().backward()
+    for t in (y, x.grad, *(p.grad for p in mixture)):
+        assert torch.isfinite(t).all()
 
 
 def test_training_statistics_need_more_than_one_value_per_channel():

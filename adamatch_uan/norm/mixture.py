@@ -19,7 +19,8 @@ what a distributed version all-reduces (with a shift common to all processes).
 
 The layer is one autograd node: two full-size passes forward (sums, output) and two
 backward (analytic, the second adding to the first's input gradient); the small (K, C)
-maths between them is differentiated by hand too. Gradients flow to x,
+maths between them is differentiated by hand too, and done inside the compiled kernel's
+calls when it serves the input (``kernel.py``). Gradients flow to x,
 to the mixture (through τ), and to γ, β; the mixture may instead be constant (MN's EM
 estimates).
 """
@@ -64,17 +65,6 @@ def _logit_terms(log_weight: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     return 0.5 / var, log_weight - 0.5 * torch.log(2 * math.pi * var)
 
 
-def stats_from_sums(sums: Tensor, shift: Tensor) -> BatchStats:
-    """α_k = s + S1/S0 and δ_k² = S2/S0 − (S1/S0)², from sums S (3, K, C) about the shift s (C,).
-
-    A component with no mass (S0 = 0) gets α = s, δ² = 0; its τ is 0 wherever it is used.
-    """
-    count = sums[0]
-    safe = count.clamp_min(torch.finfo(sums.dtype).tiny ** 0.5)
-    m1 = sums[1] / safe
-    return BatchStats(count, shift + m1, (sums[2] / safe - m1 * m1).clamp_min(0))
-
-
 class _Transform(Function):
     """Both passes of §2 as one autograd node, with the (K, C)-sized maths between them
     differentiated by hand (no nested autograd), so the per-call cost stays small.
@@ -91,58 +81,28 @@ class _Transform(Function):
     @staticmethod
     def forward(ctx, x, context, eps, log_weight, mean, var, weight, bias, alpha_in, delta2_in):
         h, lc = _logit_terms(log_weight, var)
-        batch = alpha_in is None
-        if batch:
-            shift = x[0, :, 0].clone()
-            sums = kernel.stats(x, context, mean, h, lc, shift)
-            count = sums[0]
-            safe = count.clamp_min(torch.finfo(sums.dtype).tiny ** 0.5)
-            m1, m2 = sums[1] / safe, sums[2] / safe
-            alpha, raw = shift + m1, m2 - m1 * m1
-            delta2 = raw.clamp_min(0)
-        else:
-            alpha, delta2 = alpha_in, delta2_in
-        inv_sqrt_weight, rstd = torch.exp(-0.5 * log_weight), torch.rsqrt(delta2 + eps)
-        A = weight * inv_sqrt_weight * rstd
-        y = kernel.apply(x, context, mean, h, lc, alpha, A, bias)
-        ctx.save_for_backward(x, context)
-        ctx.tables = (mean, var, h, lc, alpha, delta2, A, inv_sqrt_weight, rstd, eps)
-        ctx.batch = (shift, safe, m1, m2, count, raw) if batch else None
-        if not batch:
+        tables = kernel.Tables(context, mean, h, lc, log_weight, var, weight, bias, eps)
+        given = None if alpha_in is None else (alpha_in, delta2_in)
+        shift, sums = kernel.batch_sums(x, tables) if given is None else (None, None)
+        y, stats = kernel.output(x, tables, shift, sums, given)
+        ctx.save_for_backward(x)
+        ctx.tables, ctx.stats = tables, stats
+        if given is not None:
             return y
-        stats = (count, alpha, delta2)
-        ctx.mark_non_differentiable(*stats)
-        return y, *stats
+        batch = (sums[0], stats.alpha, stats.delta2)
+        ctx.mark_non_differentiable(*batch)
+        return y, *batch
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, *unused):
-        x, context = ctx.saved_tensors
-        mean, var, h, lc, alpha, delta2, A, inv_sqrt_weight, rstd, eps = ctx.tables
+        (x,) = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_mixture = any(need[3:6])
-        dx, (E0, E1, L0, R1, R2) = kernel.apply_backward(gy.contiguous(), x, context, mean, h, lc, alpha, A,
-                                                         need_mixture)
-        g_alpha = -(A * E0).sum(0)
-        g_delta2 = -0.5 * (E1 * A).sum(0) / (delta2 + eps)
-        g_h, g_lc, g_mu = -R2.sum(0), L0, 2 * h * R1.sum(0)
-        if ctx.batch is not None:
-            shift, safe, m1, m2, count, raw = ctx.batch
-            g_raw = g_delta2 * (raw >= 0)
-            g_S0 = -(g_alpha * m1 + g_raw * (m2 - 2 * m1 * m1)) / safe * (count >= safe)
-            dS = torch.stack([g_S0, (g_alpha - 2 * m1 * g_raw) / safe, g_raw / safe])
-            L0s, R1s, R2s = kernel.stats_backward(dS, x, context, mean, h, lc, shift, need_mixture, dx)
-            g_h, g_lc, g_mu = g_h - R2s.sum(0), g_lc + L0s, g_mu + 2 * h * R1s.sum(0)
-        grads = {
-            3: lambda: g_lc - 0.5 * E1 * A,                                    # log λ
-            4: lambda: g_mu,                                                   # μ
-            5: lambda: -0.5 * (g_h / var + g_lc.sum(0)) / var,                 # σ²
-            6: lambda: (E1 * inv_sqrt_weight * rstd).sum((0, 1)),              # γ
-            7: lambda: E0.sum((0, 1)),                                         # β
-            8: lambda: g_alpha,                                                # given α
-            9: lambda: g_delta2,                                               # given δ²
-        }
-        return dx, None, None, *(grads[i]() if need[i] else None for i in range(3, 10))
+        dx, red = kernel.output_backward(gy.contiguous(), x, ctx.tables, ctx.stats, need_mixture)
+        g = kernel.finish_backward(dx, red, x, ctx.tables, ctx.stats, need_mixture)
+        grads = (g.log_weight, g.mu, g.var, g.gamma, g.beta, g.alpha, g.delta2)
+        return dx, None, None, *(grad if needed else None for grad, needed in zip(grads, need[3:]))
 
 
 def _validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
@@ -192,7 +152,8 @@ def mixture_normalize(x: Tensor, mixture: Mixture, weight: Tensor | None, bias: 
         gamma = weight if weight is not None else torch.ones(c, device=x.device)
         beta = bias if bias is not None else torch.zeros(c, device=x.device)
         given = (None, None) if stats is None else stats
-        tensors = [t.to(compute) for t in (*mixture, gamma, beta)] + [t if t is None else t.to(compute) for t in given]
+        # The kernel reads raw pointers: every table contiguous in the compute dtype.
+        tensors = [t if t is None else t.to(compute).contiguous() for t in (*mixture, gamma, beta, *given)]
         out = _Transform.apply(x3, context, eps, *tensors)
     y, batch = (out, None) if stats is not None else (out[0], BatchStats(*out[1:]))
     return y.reshape(x.shape).to(x.dtype), batch

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 // gcc's inliner gives up on some K in these deep loops; a call in the SIMD loop makes it
@@ -30,20 +31,28 @@
 namespace {
 
 struct MixArgs {
-  const void* x;         // (N, C, P) input
-  const int64_t* ctx;    // (N,) group ids, or null for group 0
-  const void* grad;      // (N, C, P) upstream gradient (apply backward)
+  const void* x;           // (N, C, P) input
+  const int64_t* ctx;      // (N,) group ids, or null for group 0
+  const void* grad;        // (N, C, P) upstream gradient (backward)
   int64_t N, C, P, K, G;
-  const void* mu;        // (K, C)
-  const void* h;         // (K, C)
-  const void* lc;        // (G, K, C)
-  const void* shift;     // (C,) shift of the sums (stats passes)
-  const void* alpha;     // (K, C) component means used by the output map
-  const void* A;         // (G, K, C) component scales used by the output map
-  const void* beta;      // (C,)
-  const void* dS;        // (3, K, C) gradient of the sums (stats backward)
-  void* out;             // (N, C, P) output, or input gradient (stats backward adds to it)
-  void* red;             // reductions, layout (R, G, K, C)
+  const void* mu;          // (K, C)
+  const void* h;           // (K, C) 1 / (2 sigma^2)
+  const void* lc;          // (G, K, C) log lambda - 0.5 log(2 pi sigma^2)
+  const void* log_weight;  // (G, K, C) log lambda
+  const void* var;         // (K, C) sigma^2
+  const void* gamma;       // (C,)
+  const void* beta;        // (C,)
+  double eps;
+  void* shift;             // (C,) shift of the sums: written by mix_stats
+  void* sums;              // (3, K, C) batch sums: written by mix_stats; null with given statistics
+  void* alpha;             // (K, C) alpha_k: written from the sums, or given
+  void* delta2;            // (K, C) delta_k^2: written from the sums, or given
+  void* A;                 // (G, K, C) output scales: written by mix_apply
+  void* dS;                // (3, K, C) scratch: gradient of the sums
+  void* out;               // (N, C, P) output, or input gradient
+  void* red;               // (5, G, K, C) reductions of mix_apply_backward
+  void* red2;              // (3, G, K, C) scratch: reductions of the stats backward
+  void* grads;             // packed: log_weight (G,K,C), mu, var, alpha, delta2 (K,C), gamma, beta (C)
   int64_t need_param_grads;
 };
 
@@ -284,7 +293,8 @@ MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
   Lanes<T, 3, K> acc(1);
   for (int64_t c = c0; c < c1; ++c) {
     Channel<T, K> ch(a, c);
-    const T sh = static_cast<const T*>(a.shift)[c];
+    const T sh = ch.row(a.x, 0)[0];
+    static_cast<T*>(a.shift)[c] = sh;
     acc.reset();
     for (int64_t n = 0; n < a.N; ++n) {
       T l0[K];
@@ -296,7 +306,7 @@ MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
         stats_element<T, K, const T*>(xr[p], ch.m, ch.hh, l0, sh, acc.adder(j));
       });
     }
-    acc.store(a.red, c, a.C);
+    acc.store(a.sums, c, a.C);
   }
 }
 
@@ -388,7 +398,7 @@ MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
         dxr[p] += stats_backward_element<T, K, Params, const T*>(xr[p], ch.m, ch.hh, l0, sh, d0, d1, d2, acc.adder(j));
       });
     }
-    acc.store(a.red, c, a.C);
+    acc.store(a.red2, c, a.C);
   }
 }
 
@@ -448,7 +458,8 @@ MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
   const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
   ChannelSums<T, 3, K> acc(1, c0, c1);
-  const T* sh = static_cast<const T*>(a.shift);
+  T* sh = static_cast<T*>(a.shift);
+  for (int64_t c = c0; c < c1; ++c) sh[c] = static_cast<const T*>(a.x)[c];
   for (int64_t n = 0; n < a.N; ++n) {
     const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
     const int64_t g = row_group(a, n);
@@ -464,7 +475,7 @@ MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
     }
     acc.row();
   }
-  acc.store(a.red, c0, a.C);
+  acc.store(a.sums, c0, a.C);
 }
 
 template <typename T, int K>
@@ -551,7 +562,121 @@ MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
     }
     acc.row();
   }
-  acc.store(a.red, c0, a.C);
+  acc.store(a.red2, c0, a.C);
+}
+
+// ---- The (K, C)-sized maths between the passes (ALGORITHMS.md section 2 and the backward
+// derived in mixture.py), per channel, so a call needs no small torch ops around it. ----
+
+// alpha, delta^2 from the sums (unless given), then A[g,k] = gamma lambda_gk^(-1/2) (delta_k^2 + eps)^(-1/2).
+template <typename T>
+void output_tables(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C, G = a.G;
+  const T tiny = std::sqrt(std::numeric_limits<T>::min());
+  T* alpha = static_cast<T*>(a.alpha);
+  T* delta2 = static_cast<T*>(a.delta2);
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = k * C + c;
+      if (a.sums) {
+        const T* S = static_cast<const T*>(a.sums);
+        const T safe = std::max(S[i], tiny);
+        const T m1 = S[K * C + i] / safe, m2 = S[2 * K * C + i] / safe;
+        alpha[i] = static_cast<const T*>(a.shift)[c] + m1;
+        delta2[i] = std::max(m2 - m1 * m1, T(0));
+      }
+      const T rstd = T(1) / std::sqrt(delta2[i] + T(a.eps));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t gi = g * K * C + i;
+        static_cast<T*>(a.A)[gi] = static_cast<const T*>(a.gamma)[c] *
+                                   std::exp(T(-0.5) * static_cast<const T*>(a.log_weight)[gi]) * rstd;
+      }
+    }
+}
+
+// Views of the packed gradient buffer.
+template <typename T>
+struct Grads {
+  T *log_weight, *mu, *var, *alpha, *delta2, *gamma, *beta;
+  explicit Grads(const MixArgs& a) {
+    const int64_t KC = a.K * a.C;
+    log_weight = static_cast<T*>(a.grads);
+    mu = log_weight + a.G * KC;
+    var = mu + KC;
+    alpha = var + KC;
+    delta2 = alpha + KC;
+    gamma = delta2 + KC;
+    beta = gamma + a.C;
+  }
+};
+
+// From the output pass's reductions E0, E1: dL/dalpha, dL/ddelta^2 and, with batch
+// statistics, dL/dS (through alpha = s + S1/S0 and delta^2 = max(S2/S0 - (S1/S0)^2, 0)).
+template <typename T>
+void sums_gradient(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C, G = a.G, KC = K * C, GKC = G * KC;
+  const T tiny = std::sqrt(std::numeric_limits<T>::min());
+  const T* E0 = static_cast<const T*>(a.red);
+  const T* E1 = E0 + GKC;
+  const T* A = static_cast<const T*>(a.A);
+  Grads<T> out(a);
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = k * C + c;
+      T g_alpha = 0, g_delta2 = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        g_alpha -= A[g * KC + i] * E0[g * KC + i];
+        g_delta2 -= T(0.5) * E1[g * KC + i] * A[g * KC + i];
+      }
+      g_delta2 /= static_cast<const T*>(a.delta2)[i] + T(a.eps);
+      out.alpha[i] = g_alpha;
+      out.delta2[i] = g_delta2;
+      if (!a.sums) continue;
+      const T* S = static_cast<const T*>(a.sums);
+      const T count = S[i], safe = std::max(count, tiny);
+      const T m1 = S[KC + i] / safe, m2 = S[2 * KC + i] / safe;
+      const T g_raw = m2 - m1 * m1 >= 0 ? g_delta2 : T(0);
+      T* dS = static_cast<T*>(a.dS);
+      dS[i] = count >= safe ? -(g_alpha * m1 + g_raw * (m2 - T(2) * m1 * m1)) / safe : T(0);
+      dS[KC + i] = (g_alpha - T(2) * m1 * g_raw) / safe;
+      dS[2 * KC + i] = g_raw / safe;
+    }
+}
+
+// Every parameter gradient from the reductions (red: E0, E1, L0, R1, R2; red2: the stats
+// pass's L0, R1, R2, or nothing with given statistics), through h = 1/(2 var) and
+// lc = log lambda - 0.5 log(2 pi var).
+template <typename T>
+void parameter_grads(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C, G = a.G, KC = K * C, GKC = G * KC;
+  const T* r = static_cast<const T*>(a.red);
+  const T* r2 = static_cast<const T*>(a.red2);
+  const T *E0 = r, *E1 = r + GKC, *L0 = r + 2 * GKC, *R1 = r + 3 * GKC, *R2 = r + 4 * GKC;
+  const T* A = static_cast<const T*>(a.A);
+  Grads<T> out(a);
+  for (int64_t c = c0; c < c1; ++c) {
+    T g_gamma = 0, g_beta = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = k * C + c;
+      const T var = static_cast<const T*>(a.var)[i], h = static_cast<const T*>(a.h)[i];
+      const T rstd = T(1) / std::sqrt(static_cast<const T*>(a.delta2)[i] + T(a.eps));
+      T g_h = 0, g_mu = 0, g_lc_sum = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t gi = g * KC + i;
+        const T g_lc = L0[gi] + (r2 ? r2[gi] : T(0));
+        g_h -= R2[gi] + (r2 ? r2[2 * GKC + gi] : T(0));
+        g_mu += R1[gi] + (r2 ? r2[GKC + gi] : T(0));
+        g_lc_sum += g_lc;
+        out.log_weight[gi] = g_lc - T(0.5) * E1[gi] * A[gi];
+        g_gamma += E1[gi] * std::exp(T(-0.5) * static_cast<const T*>(a.log_weight)[gi]) * rstd;
+        g_beta += E0[gi];
+      }
+      out.mu[i] = T(2) * h * g_mu;
+      out.var[i] = T(-0.5) * (g_h / var + g_lc_sum) / var;
+    }
+    out.gamma[c] = g_gamma;
+    out.beta[c] = g_beta;
+  }
 }
 
 // Each pass picks its layout: flat for (N, C) inputs, spatial otherwise.
@@ -564,6 +689,7 @@ struct StatsPass {
 template <typename T, int K>
 struct ApplyPass {
   static void run(const MixArgs& a, int64_t c0, int64_t c1) {
+    output_tables<T>(a, c0, c1);
     a.P == 1 ? apply_flat<T, K>(a, c0, c1) : apply<T, K>(a, c0, c1);
   }
 };
@@ -576,13 +702,19 @@ struct ApplyBackwardPass {
       a.need_param_grads ? apply_backward<T, K, true>(a, c0, c1) : apply_backward<T, K, false>(a, c0, c1);
   }
 };
+// The rest of the backward: the sums' gradient, the stats pass (batch statistics only),
+// which adds its part of the input gradient, and every parameter gradient.
 template <typename T, int K>
-struct StatsBackwardPass {
+struct FinishBackwardPass {
   static void run(const MixArgs& a, int64_t c0, int64_t c1) {
-    if (a.P == 1)
-      a.need_param_grads ? stats_backward_flat<T, K, true>(a, c0, c1) : stats_backward_flat<T, K, false>(a, c0, c1);
-    else
-      a.need_param_grads ? stats_backward<T, K, true>(a, c0, c1) : stats_backward<T, K, false>(a, c0, c1);
+    sums_gradient<T>(a, c0, c1);
+    if (a.sums) {
+      if (a.P == 1)
+        a.need_param_grads ? stats_backward_flat<T, K, true>(a, c0, c1) : stats_backward_flat<T, K, false>(a, c0, c1);
+      else
+        a.need_param_grads ? stats_backward<T, K, true>(a, c0, c1) : stats_backward<T, K, false>(a, c0, c1);
+    }
+    parameter_grads<T>(a, c0, c1);
   }
 };
 
@@ -619,5 +751,5 @@ extern "C" {
 int mix_stats(int is_double, const MixArgs* a, int threads) { return run<StatsPass>(is_double, a, threads); }
 int mix_apply(int is_double, const MixArgs* a, int threads) { return run<ApplyPass>(is_double, a, threads); }
 int mix_apply_backward(int is_double, const MixArgs* a, int threads) { return run<ApplyBackwardPass>(is_double, a, threads); }
-int mix_stats_backward(int is_double, const MixArgs* a, int threads) { return run<StatsBackwardPass>(is_double, a, threads); }
+int mix_finish_backward(int is_double, const MixArgs* a, int threads) { return run<FinishBackwardPass>(is_double, a, threads); }
 }
