@@ -3,7 +3,9 @@
     python benchmarks/norm_speed.py [--device cuda] [--repeats 15] [--out benchmarks/results/norm_speed.json]
 
 Layers are timed round-robin (each repeat runs every layer once) so machine noise hits
-them alike; the table reports medians and each median's ratio to BatchNorm's.
+them alike, each starting with its input and gradient in cache; the table reports medians
+and each median's ratio to BatchNorm's, and the median minor page faults per step (fresh
+memory from the allocator: a source of run-to-run spread on mid-sized shapes).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from datetime import datetime, timezone
@@ -35,24 +38,32 @@ def step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, context: t
     y.backward(grad)
 
 
-def measure(shape: tuple[int, ...], device: str, repeats: int) -> dict[str, float]:
+def measure(shape: tuple[int, ...], device: str, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per step and median minor page faults per step, per layer."""
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
     context = torch.arange(shape[0], device=device) % 2
     built = layers(shape[1], device)
     times: dict[str, list[float]] = {name: [] for name in built}
+    faults: dict[str, list[int]] = {name: [] for name in built}
     for i in range(repeats + 2):
         for name, layer in built.items():
+            # In training a norm layer's input arrives from the layer before it, in cache:
+            # every layer starts with x and the gradient just read, whatever ran before it.
+            x.detach().sum(), grad.sum()
             if device == "cuda":
                 torch.cuda.synchronize()
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             step(layer, x, grad, context)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:  # the first two are warm-up (kernel build, allocator)
                 times[name].append(time.perf_counter() - start)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
             x.grad = None
-    return {name: statistics.median(t) for name, t in times.items()}
+    return ({name: statistics.median(t) for name, t in times.items()},
+            {name: statistics.median(f) for name, f in faults.items()})
 
 
 def main() -> None:
@@ -63,8 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for shape in SHAPES:
-        medians = measure(shape, args.device, args.repeats)
-        rows.append({"shape": list(shape), "median_s": medians,
+        medians, faults = measure(shape, args.device, args.repeats)
+        rows.append({"shape": list(shape), "median_s": medians, "median_page_faults": faults,
                      "ratio_to_bn": {k: v / medians["bn"] for k, v in medians.items()}})
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -76,6 +87,8 @@ def main() -> None:
     for row in rows:
         print(f"{str(tuple(row['shape'])):<20}" + "".join(f"{row['median_s'][n] * 1e3:>12.2f}" for n in names)
               + "".join(f"{row['ratio_to_bn'][n]:>11.2f}" for n in names[1:]))
+    print("page faults per step (median): " + "; ".join(
+        f"{tuple(row['shape'])} " + ", ".join(f"{n} {row['median_page_faults'][n]:.0f}" for n in names) for row in rows))
     print(f"written to {args.out}")
 
 

@@ -1,0 +1,89 @@
+"""Where a UAN layer's time goes: its four mixture-transform calls against the whole layer
+and torch BatchNorm (K = 3, CPU), each timed back to back.
+
+    python benchmarks/mixture_calls.py [--repeats 200] [--out benchmarks/results/mixture_calls.json]
+
+The calls are ``kernel.batch_sums``, ``output``, ``output_backward`` and ``finish_backward``
+on the backend the layer would use (the compiled kernel when available); the rest of the
+layer's time is the autograd node, the parametrisation of (λ, μ, σ²) and the call overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from adamatch_uan.norm import kernel, make_norm
+from adamatch_uan.norm.mixture import _logit_terms
+
+SHAPES = [(256, 128, 8, 8), (256, 256)]
+
+
+def median_ms(fn, repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def measure(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    layers = {"bn": make_norm("bn", shape[1]), "uan": make_norm("uan", shape[1])}
+
+    def step(layer):
+        layer(x).backward(grad)
+        x.grad = None
+
+    times = {f"{name} layer": median_ms(lambda: step(layer), repeats) for name, layer in layers.items()}
+    uan = layers["uan"]
+    with torch.no_grad():
+        mixture = uan.mixture()
+        h, lc = _logit_terms(mixture.log_weight, mixture.var)
+        tables = kernel.Tables(None, mixture.mean, h, lc, mixture.log_weight, mixture.var, uan.weight, uan.bias, uan.eps)
+        x3, gy = x.detach().reshape(shape[0], shape[1], -1), grad.reshape(shape[0], shape[1], -1)
+        shift, sums = kernel.batch_sums(x3, tables)
+        _, stats = kernel.output(x3, tables, shift, sums)
+        dx, red = kernel.output_backward(gy, x3, tables, stats, True)
+        times["batch_sums"] = median_ms(lambda: kernel.batch_sums(x3, tables), repeats)
+        times["output"] = median_ms(lambda: kernel.output(x3, tables, shift, sums), repeats)
+        times["output_backward"] = median_ms(lambda: kernel.output_backward(gy, x3, tables, stats, True), repeats)
+        times["finish_backward"] = median_ms(lambda: kernel.finish_backward(dx.clone(), red, x3, tables, stats, True),
+                                             repeats)
+        times["finish_backward"] -= median_ms(lambda: dx.clone(), repeats)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mixture_calls.json"))
+    args = parser.parse_args()
+    rows = [{"shape": list(shape), "median_ms": measure(shape, args.repeats)} for shape in SHAPES]
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "cpu_kernel": kernel.kernel_available(), "repeats": args.repeats, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    names = list(rows[0]["median_ms"])
+    print(f"{'shape':<20}" + "".join(f"{n:>17}" for n in names) + f"{'calls/uan':>11}")
+    for row in rows:
+        t = row["median_ms"]
+        calls = sum(t[n] for n in names[2:])
+        print(f"{str(tuple(row['shape'])):<20}" + "".join(f"{t[n]:>17.3f}" for n in names) + f"{calls / t['uan layer']:>11.2f}")
+    print(f"milliseconds; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
