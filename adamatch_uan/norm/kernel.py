@@ -143,7 +143,7 @@ def kernel_available() -> bool:
 
 
 def _uses_kernel(x: Tensor, mu: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
             and mu.shape[0] <= 8 and _library() is not None)
 
 
