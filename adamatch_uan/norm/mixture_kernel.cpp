@@ -10,9 +10,17 @@
 // between OpenMP threads; built with -fopenmp, the kernel binds to the libgomp that torch
 // has already loaded, so it shares torch's thread pool.
 //
-// Positions are processed in blocks of one vector register (L lanes) with per-lane
-// accumulators kept across rows, so short rows (small P) pay no horizontal reduction per
-// row; lanes are flushed into double totals every few rows and whenever the group changes.
+// Spatial inputs (P > 1): positions are processed in blocks of one vector register (L lanes)
+// with per-lane accumulators kept across rows, so short rows (small P) pay no horizontal
+// reduction per row; lanes are flushed into double totals every few rows and whenever the
+// group changes. Flat inputs (P == 1, x is (N, C)): the SIMD loop runs across the channels
+// of a sample, each lane with its own channel's tables and accumulators.
+//
+// Four exported calls, each over channel ranges split between threads: mix_stats (shift and
+// sums), mix_apply (alpha, delta^2, A from the sums, then the output), mix_apply_backward
+// (input gradient and reductions), mix_finish_backward (gradient of the sums, the stats
+// pass's part of the input gradient, every parameter gradient). The (K, C)-sized maths
+// lives here too, so the Python side issues no small torch ops between calls.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
