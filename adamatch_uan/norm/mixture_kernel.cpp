@@ -576,22 +576,32 @@ MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
 // ---- The (K, C)-sized maths between the passes (ALGORITHMS.md section 2 and the backward
 // derived in mixture.py), per channel, so a call needs no small torch ops around it. ----
 
+// Moments of component entry i from the sums S (3, K, C): S0 floored at sqrt(tiny) (an
+// empty component gets alpha = shift, delta^2 = 0), S1 / S0 and S2 / S0.
+template <typename T>
+struct Moments {
+  T safe, m1, m2;
+  Moments(const void* sums, int64_t i, int64_t KC) {
+    const T* S = static_cast<const T*>(sums);
+    safe = std::max(S[i], std::sqrt(std::numeric_limits<T>::min()));
+    m1 = S[KC + i] / safe;
+    m2 = S[2 * KC + i] / safe;
+  }
+};
+
 // alpha, delta^2 from the sums (unless given), then A[g,k] = gamma lambda_gk^(-1/2) (delta_k^2 + eps)^(-1/2).
 template <typename T>
 void output_tables(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C, G = a.G;
-  const T tiny = std::sqrt(std::numeric_limits<T>::min());
   T* alpha = static_cast<T*>(a.alpha);
   T* delta2 = static_cast<T*>(a.delta2);
   for (int64_t c = c0; c < c1; ++c)
     for (int64_t k = 0; k < K; ++k) {
       const int64_t i = k * C + c;
       if (a.sums) {
-        const T* S = static_cast<const T*>(a.sums);
-        const T safe = std::max(S[i], tiny);
-        const T m1 = S[K * C + i] / safe, m2 = S[2 * K * C + i] / safe;
-        alpha[i] = static_cast<const T*>(a.shift)[c] + m1;
-        delta2[i] = std::max(m2 - m1 * m1, T(0));
+        const Moments<T> s(a.sums, i, K * C);
+        alpha[i] = static_cast<const T*>(a.shift)[c] + s.m1;
+        delta2[i] = std::max(s.m2 - s.m1 * s.m1, T(0));
       }
       const T rstd = T(1) / std::sqrt(delta2[i] + T(a.eps));
       for (int64_t g = 0; g < G; ++g) {
@@ -623,7 +633,6 @@ struct Grads {
 template <typename T>
 void sums_gradient(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C, G = a.G, KC = K * C, GKC = G * KC;
-  const T tiny = std::sqrt(std::numeric_limits<T>::min());
   const T* E0 = static_cast<const T*>(a.red);
   const T* E1 = E0 + GKC;
   const T* A = static_cast<const T*>(a.A);
@@ -640,9 +649,9 @@ void sums_gradient(const MixArgs& a, int64_t c0, int64_t c1) {
       out.alpha[i] = g_alpha;
       out.delta2[i] = g_delta2;
       if (!a.sums) continue;
-      const T* S = static_cast<const T*>(a.sums);
-      const T count = S[i], safe = std::max(count, tiny);
-      const T m1 = S[KC + i] / safe, m2 = S[2 * KC + i] / safe;
+      const T count = static_cast<const T*>(a.sums)[i];
+      const Moments<T> mom(a.sums, i, KC);
+      const T safe = mom.safe, m1 = mom.m1, m2 = mom.m2;
       const T g_raw = m2 - m1 * m1 >= 0 ? g_delta2 : T(0);
       T* dS = static_cast<T*>(a.dS);
       dS[i] = count >= safe ? -(g_alpha * m1 + g_raw * (m2 - T(2) * m1 * m1)) / safe : T(0);
