@@ -1,11 +1,11 @@
-"""Where a UAN layer's time goes: its four mixture-transform calls against the whole layer
+"""Where a UAN layer's time goes: its two mixture-transform calls against the whole layer
 and torch BatchNorm (K = 3, CPU), each timed back to back.
 
     python benchmarks/mixture_calls.py [--repeats 200] [--out benchmarks/results/mixture_calls.json]
 
-The calls are ``kernel.batch_sums``, ``output``, ``output_backward`` and ``finish_backward``
-on the backend the layer would use (the compiled kernel when available); the rest of the
-layer's time is the autograd node, the parametrisation of (λ, μ, σ²) and the call overhead.
+The calls are ``kernel.forward`` and ``kernel.backward`` on the backend the layer would use
+(the compiled kernel when available); the rest of the layer's time is the module, the
+autograd node and the Python around the calls.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from adamatch_uan.norm import kernel, make_norm
-from adamatch_uan.norm.mixture import _logit_terms
 
 SHAPES = [(256, 128, 8, 8), (256, 256)]
 
@@ -49,19 +48,12 @@ def measure(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
     times = {f"{name} layer": median_ms(lambda: step(layer), repeats) for name, layer in layers.items()}
     uan = layers["uan"]
     with torch.no_grad():
-        mixture = uan.mixture()
-        h, lc = _logit_terms(mixture.log_weight, mixture.var)
-        tables = kernel.Tables(None, mixture.mean, h, lc, mixture.log_weight, mixture.var, uan.weight, uan.bias, uan.eps)
+        tables = kernel.Tables(None, uan.mean, uan.prior_logits, uan.raw_var, uan.weight, uan.bias, uan.eps,
+                               (uan.min_weight, uan.min_var))
         x3, gy = x.detach().reshape(shape[0], shape[1], -1), grad.reshape(shape[0], shape[1], -1)
-        shift, sums = kernel.batch_sums(x3, tables)
-        _, stats = kernel.output(x3, tables, shift, sums)
-        dx, red = kernel.output_backward(gy, x3, tables, stats, True)
-        times["batch_sums"] = median_ms(lambda: kernel.batch_sums(x3, tables), repeats)
-        times["output"] = median_ms(lambda: kernel.output(x3, tables, shift, sums), repeats)
-        times["output_backward"] = median_ms(lambda: kernel.output_backward(gy, x3, tables, stats, True), repeats)
-        times["finish_backward"] = median_ms(lambda: kernel.finish_backward(dx.clone(), red, x3, tables, stats, True),
-                                             repeats)
-        times["finish_backward"] -= median_ms(lambda: dx.clone(), repeats)
+        _, stats = kernel.forward(x3, tables)
+        times["forward"] = median_ms(lambda: kernel.forward(x3, tables), repeats)
+        times["backward"] = median_ms(lambda: kernel.backward(gy, x3, tables, stats, True), repeats)
     return times
 
 

@@ -64,13 +64,17 @@ def test_gradcheck_in_float64(backend):
 
 # Both layouts of the kernel (spatial rows; flat (N, C) with SIMD over channels), each on
 # enough elements to run threaded and, for the flat one, to flush its accumulators. Both
-# float32 backends are held to the float64 result, relative to each tensor's scale.
+# float32 backends are held to the float64 result, relative to each tensor's scale; the
+# kernel with and without its cache of the responsibilities.
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
 @pytest.mark.parametrize("N, C, spatial", [(32, 8, (16, 16)), (520, 64, ())])
-def test_kernel_and_torch_backends_match_float64_in_float32_on_a_threaded_shape(monkeypatch, N, C, spatial):
+def test_kernel_and_torch_backends_match_float64_in_float32_on_a_threaded_shape(monkeypatch, N, C, spatial,
+                                                                                cache_bytes):
     from adamatch_uan.norm import kernel
 
     if not kernel.kernel_available():
         pytest.skip("no C++ compiler: the compiled kernel is unavailable")
+    monkeypatch.setattr(kernel, "TAU_CACHE_BYTES", cache_bytes)
     problem = random_problem(N=N, C=C, spatial=spatial, G=2)
     context = problem[-1]
 

@@ -1,29 +1,32 @@
-"""The mixture transform's four calls, as a compiled CPU kernel or as torch ops.
+"""The mixture transform's forward and backward, as a compiled CPU kernel or as torch ops.
 
-Every call takes ``x`` of shape (N, C, P) and a :class:`Tables` holding the per-channel 1-D
-Gaussian mixture as ``mu`` (K, C), ``h = 1 / (2 sigma^2)`` (K, C) and
-``lc = log lambda - 0.5 log(2 pi sigma^2)`` (G, K, C), where sample n uses the tables of its
-group ``ctx[n]`` (group 0 when ``ctx`` is None). Responsibilities are
+Both take ``x`` of shape (N, C, P) and a :class:`Tables` holding the per-channel 1-D
+Gaussian mixture (means ``mu`` (K, C), weights λ (G, K, C), variances σ² (K, C)), where
+sample n uses the weights of its group ``ctx[n]`` (group 0 when ``ctx`` is None). λ and σ²
+are given either directly or as UAN's parameters (``floors`` set):
+``λ = w + (1 - K w) softmax_k(prior_logits)``, ``σ² = softplus(raw_var) + min_var``
+(:func:`parametrise`), and the backward returns the gradients of those parameters.
+With ``h = 1 / (2 σ²)`` and ``lc = log λ - ½ log(2π σ²)``, the responsibilities are
 ``tau_k = softmax_k(lc_k - h_k (x - mu_k)^2)``. The formulas are in ``mixture.py``.
 
-- ``batch_sums``: shift s (C,) = each channel's first value, and S (3, K, C) = sums over
-  positions of tau_k * {1, x - s, (x - s)^2}.
-- ``output``: alpha, delta^2 from (s, S), or given; A = gamma lambda^(-1/2) (delta^2 + eps)^(-1/2);
-  y = beta + sum_k tau_k A[g, k] (x - alpha_k).
-- ``output_backward``: the input gradient's direct part and the reductions
-  E0, E1, L0, R1, R2 (5, G, K, C).
-- ``finish_backward``: the gradient of S, the stats pass's part of the input gradient
-  (added in place) and every parameter gradient.
+- ``forward``: the tables; the shift s (C,) = each channel's first value and the sums
+  S (3, K, C) over positions of tau_k * {1, x - s, (x - s)^2}; α, δ² from them (or given);
+  A = γ λ^(-1/2) (δ² + ε)^(-1/2); y = β + Σ_k tau_k A[g, k] (x - α_k); and, if asked, the
+  running averages of α and δ² updated in place.
+- ``backward``: the output pass (the input gradient's direct part and reductions
+  E0, E1, L0, R1, R2), the gradient of S, the stats pass's part of the input gradient, and
+  every parameter gradient.
 
-Between the first two calls, and between the last two, a distributed version can all-reduce
-S and the reductions. The compiled kernel (``mixture_kernel.cpp``) recomputes tau in
-registers in each pass, so a pass reads x once, and does the (K, C)-sized maths between
-passes itself. It vectorizes along the positions of each (sample, channel) row when P > 1,
-and along the channels of each sample for (N, C, 1) inputs. It is built with the system C++
-compiler on first use and cached in ``$ADAMATCH_UAN_CACHE`` (default
-``~/.cache/adamatch_uan``). It serves contiguous CPU float32/float64 inputs with K <= 8.
-Everything else, and every input when the environment sets ``ADAMATCH_UAN_KERNEL=0`` or no
-compiler is found, runs on the torch-ops backend.
+Between the sums and the output (and between the two backward passes) a distributed
+version would all-reduce S (and the reductions); the kernel keeps those passes apart inside
+its calls. The compiled kernel (``mixture_kernel.cpp``) recomputes tau in registers in each
+pass, so a pass reads x once, and does the (K, C)-sized maths between passes itself: a
+layer is one call forward and one backward. It vectorizes along the positions of each
+(sample, channel) row when P > 1, and along the channels of each sample for (N, C, 1)
+inputs. It is built with the system C++ compiler on first use and cached in
+``$ADAMATCH_UAN_CACHE`` (default ``~/.cache/adamatch_uan``). It serves contiguous CPU
+float32/float64 inputs with K <= 8. Everything else, and every input when the environment
+sets ``ADAMATCH_UAN_KERNEL=0`` or no compiler is found, runs on the torch-ops backend.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("mixture_kernel.cpp")
@@ -48,56 +53,87 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-
           "-fassociative-math", "-std=c++17", "-shared", "-fPIC"]
 # Below this many elements a pass is cheaper on one thread than waking the others.
 _PARALLEL_MIN_ELEMENTS = 1 << 15
+# Up to this size the forward keeps the responsibilities (K x the input) for the later
+# passes, which then skip their exponentials; beyond it they recompute them, as reading a
+# cache that falls out of the CPU caches would cost more than the exponentials.
+TAU_CACHE_BYTES = 4 << 20
+
+
+def _pointers(*names: str) -> list[tuple[str, type]]:
+    return [(name, ctypes.c_void_p) for name in names]
 
 
 class _MixArgs(ctypes.Structure):
-    _fields_ = [("x", ctypes.c_void_p), ("ctx", ctypes.c_void_p), ("grad", ctypes.c_void_p),
-                ("N", ctypes.c_int64), ("C", ctypes.c_int64), ("P", ctypes.c_int64),
-                ("K", ctypes.c_int64), ("G", ctypes.c_int64),
-                *((name, ctypes.c_void_p) for name in ("mu", "h", "lc", "log_weight", "var", "gamma", "beta")),
-                ("eps", ctypes.c_double),
-                *((name, ctypes.c_void_p) for name in ("shift", "sums", "alpha", "delta2", "A", "dS", "out", "red",
-                                                       "red2", "grads")),
-                ("need_param_grads", ctypes.c_int64)]
+    # The layout of MixArgs in mixture_kernel.cpp.
+    _fields_ = [*_pointers("x", "ctx", "grad"), *((name, ctypes.c_int64) for name in "NCPKG"),
+                *_pointers("mu", "weight_param", "var_param", "gamma", "beta"), ("eps", ctypes.c_double),
+                ("parametrised", ctypes.c_int64), ("min_weight", ctypes.c_double), ("min_var", ctypes.c_double),
+                *_pointers("log_weight", "var", "h", "lc", "shift", "sums", "alpha", "delta2", "A",
+                           "running_mean", "running_var"),
+                ("momentum", ctypes.c_double),
+                *_pointers("out", "tau", "g_weight", "g_mu", "g_var", "g_alpha", "g_delta2", "g_gamma", "g_beta"),
+                ("need_param_grads", ctypes.c_int64), *_pointers("dS", "red", "red2")]
 
 
 class Tables(NamedTuple):
-    """What every call reads besides x: groups, mixture and output-map parameters, each
-    contiguous in the compute dtype. ``gamma``, ``beta`` (C,); ``log_weight`` (G, K, C) log λ;
-    ``var`` (K, C) σ²; ``mu``, ``h``, ``lc`` as in the module docstring."""
+    """What every call reads besides x, each contiguous in the compute dtype: groups ``ctx``
+    (N,) or None; ``mu`` (K, C); ``weight_param`` (G, K, C) and ``var_param`` (K, C), which
+    are log λ and σ² when ``floors`` is None, and UAN's prior logits and softplus
+    pre-activation when ``floors = (min_weight, min_var)``; γ, β (C,); ε."""
 
     ctx: Tensor | None
     mu: Tensor
-    h: Tensor
-    lc: Tensor
-    log_weight: Tensor
-    var: Tensor
+    weight_param: Tensor
+    var_param: Tensor
     gamma: Tensor
     beta: Tensor
     eps: float
+    floors: tuple[float, float] | None = None
 
 
 class Stats(NamedTuple):
-    """What ``output`` computed and the backward reuses: the shift and sums (None with given
-    statistics), α and δ² (K, C), and the output scales A (G, K, C)."""
+    """What ``forward`` computed and ``backward`` reuses: log λ (G, K, C), σ², h (K, C),
+    lc (G, K, C), the shift (C,) and sums (3, K, C) (None with given statistics), α and δ²
+    (K, C), the output scales A (G, K, C), and the kernel's cache of the responsibilities
+    (None when they are recomputed)."""
 
+    log_weight: Tensor
+    var: Tensor
+    h: Tensor
+    lc: Tensor
     shift: Tensor | None
     sums: Tensor | None
     alpha: Tensor
     delta2: Tensor
     A: Tensor
+    tau: Tensor | None = None
 
 
 class Grads(NamedTuple):
-    """Gradients of the loss w.r.t. log λ (G, K, C), μ, σ² (K, C), γ, β (C,) and given α, δ² (K, C)."""
+    """Gradients of the loss w.r.t. the tables' ``weight_param`` (G, K, C), ``mu``,
+    ``var_param`` (K, C), γ, β (C,) and given α, δ² (K, C)."""
 
-    log_weight: Tensor
+    weight_param: Tensor
     mu: Tensor
-    var: Tensor
+    var_param: Tensor
     gamma: Tensor
     beta: Tensor
     alpha: Tensor
     delta2: Tensor
+
+
+Running = tuple[Tensor, Tensor, float]
+"""Running averages of α and δ² (K, C) and their momentum."""
+
+
+def parametrise(prior_logits: Tensor, raw_var: Tensor, min_weight: float, min_var: float) -> tuple[Tensor, Tensor, Tensor]:
+    """UAN's parametrisation with torch ops: λ = w + (1 − K w) softmax_k(prior_logits) over
+    dim 1, its log (log_softmax when w = 0, so no weight underflows to log 0), and
+    σ² = softplus(raw_var) + min_var."""
+    K = prior_logits.shape[1]
+    weights = min_weight + (1 - K * min_weight) * torch.softmax(prior_logits, dim=1)
+    log_weight = torch.log_softmax(prior_logits, dim=1) if min_weight == 0 else torch.log(weights)
+    return weights, log_weight, F.softplus(raw_var) + min_var
 
 
 def _cpu_signature() -> str:
@@ -132,7 +168,7 @@ def _library() -> ctypes.CDLL | None:
                 return None
             os.replace(built, target)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(str(target))
-    for name in ("mix_stats", "mix_apply", "mix_apply_backward", "mix_finish_backward"):
+    for name in ("mix_forward", "mix_backward"):
         getattr(lib, name).argtypes = [ctypes.c_int, ctypes.POINTER(_MixArgs), ctypes.c_int]
     return lib
 
@@ -151,26 +187,82 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _run(name: str, x: Tensor, t: Tables, **buffers: Tensor | None) -> None:
-    """Run one exported kernel call; ``buffers`` name the MixArgs pointers it reads or writes."""
+def _run(name: str, x: Tensor, t: Tables, s: Stats, out: Tensor, **extra: int | float | None) -> None:
+    """Run one exported kernel call on (x, t, s) writing ``out``; ``extra`` sets the other
+    MixArgs fields (pointers as ints). Written out field by field: this runs twice per layer and step."""
     N, C, P = x.shape
-    args = _MixArgs(x=_ptr(x), ctx=_ptr(t.ctx), N=N, C=C, P=P, K=t.mu.shape[0], G=t.lc.shape[0],
-                    mu=_ptr(t.mu), h=_ptr(t.h), lc=_ptr(t.lc), log_weight=_ptr(t.log_weight), var=_ptr(t.var),
-                    gamma=_ptr(t.gamma), beta=_ptr(t.beta), eps=t.eps,
-                    need_param_grads=int(bool(buffers.pop("need_param_grads", False))),
-                    **{key: _ptr(value) for key, value in buffers.items()})
-    is_double = int(x.dtype == torch.float64)
+    w, v = t.floors or (0.0, 0.0)
+    args = _MixArgs(x=x.data_ptr(), ctx=_ptr(t.ctx), N=N, C=C, P=P, K=t.mu.shape[0], G=t.weight_param.shape[0],
+                    mu=t.mu.data_ptr(), weight_param=t.weight_param.data_ptr(), var_param=t.var_param.data_ptr(),
+                    gamma=t.gamma.data_ptr(), beta=t.beta.data_ptr(), eps=t.eps,
+                    parametrised=t.floors is not None, min_weight=w, min_var=v,
+                    log_weight=s.log_weight.data_ptr(), var=s.var.data_ptr(), h=s.h.data_ptr(), lc=s.lc.data_ptr(),
+                    shift=_ptr(s.shift), sums=_ptr(s.sums), alpha=s.alpha.data_ptr(), delta2=s.delta2.data_ptr(),
+                    A=s.A.data_ptr(), tau=_ptr(s.tau), out=out.data_ptr(), **extra)
     threads = min(torch.get_num_threads(), C) if x.numel() >= _PARALLEL_MIN_ELEMENTS else 1
-    if getattr(_library(), name)(is_double, ctypes.byref(args), threads):
+    if getattr(_library(), name)(int(x.dtype == torch.float64), ctypes.byref(args), threads):
         raise RuntimeError(f"mixture kernel {name} failed for K = {t.mu.shape[0]}")
+
+
+def forward(x: Tensor, t: Tables, given: tuple[Tensor, Tensor] | None = None,
+            running: Running | None = None) -> tuple[Tensor, Stats]:
+    """y = β + Σ_k tau_k A[g, k] (x − α_k), with α, δ² from the batch's sums or ``given``;
+    with batch statistics, ``running`` averages are updated in place."""
+    if not _uses_kernel(x, t.mu):
+        y, stats = _forward_torch(x, t, given)
+    else:
+        G, K, C = t.weight_param.shape
+        log_weight, var = (x.new_empty(G, K, C), x.new_empty(K, C)) if t.floors else (t.weight_param, t.var_param)
+        shift, sums = (x.new_empty(C), x.new_empty(3, K, C)) if given is None else (None, None)
+        alpha, delta2 = (x.new_empty(K, C), x.new_empty(K, C)) if given is None else given
+        cache = given is None and x.numel() * K * x.element_size() <= TAU_CACHE_BYTES
+        stats = Stats(log_weight, var, x.new_empty(K, C), x.new_empty(G, K, C), shift, sums, alpha, delta2,
+                      x.new_empty(G, K, C), x.new_empty(x.numel() * K) if cache else None)
+        y = torch.empty_like(x)
+        in_place = (given is None and running is not None
+                    and all(r.dtype == x.dtype and r.is_contiguous() for r in running[:2]))
+        mean, var_avg, momentum = running if in_place else (None, None, 0.0)
+        _run("mix_forward", x, t, stats, y, running_mean=_ptr(mean), running_var=_ptr(var_avg), momentum=momentum)
+        if in_place:
+            torch.autograd.graph.increment_version((mean, var_avg))  # written behind autograd's back
+            running = None
+    if given is None and running is not None:
+        _track(stats, running)
+    return y, stats
+
+
+def backward(gy: Tensor, x: Tensor, t: Tables, stats: Stats, need_param_grads: bool) -> tuple[Tensor, Grads]:
+    """The input gradient and every parameter gradient, following the backward derived in
+    ``mixture.py``. Without ``need_param_grads`` the kernel skips the logits' reductions,
+    and the gradients of ``weight_param``, ``mu`` and ``var_param`` are not meaningful."""
+    if not _uses_kernel(x, t.mu):
+        return _backward_torch(gy, x, t, stats, need_param_grads)
+    G, K, C = t.weight_param.shape
+    dx = torch.empty_like(x)
+    grads = Grads(x.new_empty(G, K, C), *(x.new_empty(K, C) for _ in range(2)), x.new_empty(C), x.new_empty(C),
+                  x.new_empty(K, C), x.new_empty(K, C))
+    _run("mix_backward", x, t, stats, dx, grad=gy.data_ptr(), need_param_grads=need_param_grads,
+         g_weight=grads.weight_param.data_ptr(), g_mu=grads.mu.data_ptr(), g_var=grads.var_param.data_ptr(),
+         g_alpha=grads.alpha.data_ptr(), g_delta2=grads.delta2.data_ptr(), g_gamma=grads.gamma.data_ptr(),
+         g_beta=grads.beta.data_ptr())
+    return dx, grads
+
+
+@torch.no_grad()
+def _track(stats: Stats, running: Running) -> None:
+    """r ← r + momentum (batch − r), with δ² corrected by S0 / max(S0 − 1, 1) (BatchNorm's n / (n − 1) at K = 1)."""
+    mean, var, momentum = running
+    count = stats.sums[0]
+    mean.lerp_(stats.alpha.to(mean.dtype), momentum)
+    var.lerp_((stats.delta2 * count / (count - 1).clamp_min(1)).to(var.dtype), momentum)
 
 
 # ---- torch-ops backend: the same passes, materialising (N, K, C, P) tensors ----
 
-def _responsibilities(x: Tensor, t: Tables) -> tuple[Tensor, Tensor]:
-    table = t.lc[t.ctx] if t.ctx is not None else t.lc.expand(x.shape[0], -1, -1)
+def _responsibilities(x: Tensor, t: Tables, s: Stats) -> tuple[Tensor, Tensor]:
+    table = s.lc[t.ctx] if t.ctx is not None else s.lc.expand(x.shape[0], -1, -1)
     d = x.unsqueeze(1) - t.mu.unsqueeze(-1)
-    return torch.softmax(table.unsqueeze(-1) - t.h.unsqueeze(-1) * d * d, dim=1), d
+    return torch.softmax(table.unsqueeze(-1) - s.h.unsqueeze(-1) * d * d, dim=1), d
 
 
 def _per_sample(table: Tensor, t: Tables, n: int) -> Tensor:
@@ -182,7 +274,7 @@ def _group_sum(per_sample: Tensor, t: Tables) -> Tensor:
     """(N, K, C) -> (G, K, C): sum of each group's samples."""
     if t.ctx is None:
         return per_sample.sum(0, keepdim=True)
-    return per_sample.new_zeros(t.lc.shape[0], *per_sample.shape[1:]).index_add_(0, t.ctx, per_sample)
+    return per_sample.new_zeros(t.weight_param.shape[0], *per_sample.shape[1:]).index_add_(0, t.ctx, per_sample)
 
 
 def _logit_reductions(dl: Tensor, d: Tensor, t: Tables) -> list[Tensor]:
@@ -195,89 +287,62 @@ def _safe_moments(sums: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return safe, sums[1] / safe, sums[2] / safe
 
 
-def batch_sums(x: Tensor, t: Tables) -> tuple[Tensor, Tensor]:
-    """Shift s (C,) and the shifted sums S (3, K, C) of the responsibilities over all positions."""
-    if _uses_kernel(x, t.mu):
-        shift, sums = x.new_empty(x.shape[1]), x.new_empty(3, *t.mu.shape)
-        _run("mix_stats", x, t, shift=shift, sums=sums)
-        return shift, sums
-    shift = x[0, :, 0].clone()
-    tau, _ = _responsibilities(x, t)
-    xt = (x - shift.view(1, -1, 1)).unsqueeze(1)
-    return shift, torch.stack([tau.sum((0, 3)), (tau * xt).sum((0, 3)), (tau * xt * xt).sum((0, 3))])
-
-
-def output(x: Tensor, t: Tables, shift: Tensor | None, sums: Tensor | None,
-           given: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Stats]:
-    """y = beta + sum_k tau_k A[g, k] (x - alpha_k), with α, δ² from (shift, sums) or ``given``."""
-    if _uses_kernel(x, t.mu):
-        alpha, delta2 = (x.new_empty(t.mu.shape), x.new_empty(t.mu.shape)) if given is None else given
-        A, y = x.new_empty(t.lc.shape), torch.empty_like(x)
-        _run("mix_apply", x, t, shift=shift, sums=sums, alpha=alpha, delta2=delta2, A=A, out=y)
-        return y, Stats(shift, sums, alpha, delta2, A)
+def _forward_torch(x: Tensor, t: Tables, given: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Stats]:
+    if t.floors:
+        _, log_weight, var = parametrise(t.weight_param, t.var_param, *t.floors)
+    else:
+        log_weight, var = t.weight_param, t.var_param
+    stats = Stats(log_weight, var, 0.5 / var, log_weight - 0.5 * torch.log(2 * math.pi * var), *[None] * 5)
+    tau, _ = _responsibilities(x, t, stats)
     if given is None:
+        shift = x[0, :, 0].clone()
+        xt = (x - shift.view(1, -1, 1)).unsqueeze(1)
+        sums = torch.stack([tau.sum((0, 3)), (tau * xt).sum((0, 3)), (tau * xt * xt).sum((0, 3))])
         _, m1, m2 = _safe_moments(sums)
         alpha, delta2 = shift + m1, (m2 - m1 * m1).clamp_min(0)
     else:
+        shift, sums = None, None
         alpha, delta2 = given
-    A = t.gamma * torch.exp(-0.5 * t.log_weight) * torch.rsqrt(delta2 + t.eps)
-    tau, _ = _responsibilities(x, t)
+    A = t.gamma * torch.exp(-0.5 * log_weight) * torch.rsqrt(delta2 + t.eps)
     y = t.beta.view(1, -1, 1) + (tau * _per_sample(A, t, x.shape[0]) * (x.unsqueeze(1) - alpha.unsqueeze(-1))).sum(1)
-    return y, Stats(shift, sums, alpha, delta2, A)
+    return y, stats._replace(shift=shift, sums=sums, alpha=alpha, delta2=delta2, A=A)
 
 
-def output_backward(gy: Tensor, x: Tensor, t: Tables, stats: Stats, need_param_grads: bool) -> tuple[Tensor, Tensor]:
-    """The input gradient's direct part and reductions (5, G, K, C): E0 = sum g tau,
-    E1 = sum g tau (x - alpha), and sum dl (x - mu)^i for i = 0, 1, 2, dl the gradient of the logits."""
-    if _uses_kernel(x, t.mu):
-        dx, red = torch.empty_like(x), x.new_empty(5, *t.lc.shape)
-        _run("mix_apply_backward", x, t, grad=gy, alpha=stats.alpha, A=stats.A, out=dx, red=red,
-             need_param_grads=need_param_grads)
-        return dx, red
-    tau, d = _responsibilities(x, t)
-    scale = _per_sample(stats.A, t, x.shape[0])
-    centred = x.unsqueeze(1) - stats.alpha.unsqueeze(-1)
+def _backward_torch(gy: Tensor, x: Tensor, t: Tables, s: Stats, need_param_grads: bool) -> tuple[Tensor, Grads]:
+    # The output pass: the input gradient's direct part and the reductions E0 = Σ g τ,
+    # E1 = Σ g τ (x − α), L0, R1, R2 = Σ dl (x − μ)^i, dl the gradient of the logits.
+    tau, d = _responsibilities(x, t, s)
+    scale = _per_sample(s.A, t, x.shape[0])
+    centred = x.unsqueeze(1) - s.alpha.unsqueeze(-1)
     u = scale * centred
     gt = gy.unsqueeze(1) * tau
     dl = gt * (u - (tau * u).sum(1, keepdim=True))
-    dx = (gt * scale).sum(1) - 2 * (dl * t.h.unsqueeze(-1) * d).sum(1)
-    return dx, torch.stack([_group_sum(gt.sum(-1), t), _group_sum((gt * centred).sum(-1), t),
-                            *_logit_reductions(dl, d, t)])
-
-
-def finish_backward(dx: Tensor, red: Tensor, x: Tensor, t: Tables, stats: Stats, need_param_grads: bool) -> Grads:
-    """Add the stats pass's part of the input gradient to ``dx`` (batch statistics only) and
-    return every parameter gradient, following the backward derived in ``mixture.py``."""
-    if _uses_kernel(x, t.mu):
-        G, K, C = t.lc.shape
-        grads = x.new_empty(G * K * C + 4 * K * C + 2 * C)
-        batch = stats.sums is not None
-        _run("mix_finish_backward", x, t, shift=stats.shift, sums=stats.sums, alpha=stats.alpha,
-             delta2=stats.delta2, A=stats.A, out=dx, red=red, grads=grads,
-             dS=x.new_empty(3, K, C) if batch else None, red2=x.new_empty(3, G, K, C) if batch else None,
-             need_param_grads=need_param_grads)
-        # The packed layout of MixArgs.grads: log_weight, mu, var, alpha, delta2, gamma, beta.
-        lw, mu, var, alpha, delta2, gamma, beta = grads.split([G * K * C, *[K * C] * 4, C, C])
-        return Grads(lw.view(G, K, C), mu.view(K, C), var.view(K, C), gamma, beta, alpha.view(K, C), delta2.view(K, C))
-    E0, E1, L0, R1, R2 = red
-    A = stats.A
-    g_alpha = -(A * E0).sum(0)
-    g_delta2 = -0.5 * (E1 * A).sum(0) / (stats.delta2 + t.eps)
+    dx = (gt * scale).sum(1) - 2 * (dl * s.h.unsqueeze(-1) * d).sum(1)
+    E0, E1 = _group_sum(gt.sum(-1), t), _group_sum((gt * centred).sum(-1), t)
+    L0, R1, R2 = _logit_reductions(dl, d, t)
+    g_alpha = -(s.A * E0).sum(0)
+    g_delta2 = -0.5 * (E1 * s.A).sum(0) / (s.delta2 + t.eps)
     g_h, g_lc, g_mu = -R2.sum(0), L0, R1.sum(0)
-    if stats.sums is not None:
-        count = stats.sums[0]
-        safe, m1, m2 = _safe_moments(stats.sums)
+    if s.sums is not None:  # the stats pass, through α, δ² to the sums
+        count = s.sums[0]
+        safe, m1, m2 = _safe_moments(s.sums)
         g_raw = g_delta2 * (m2 - m1 * m1 >= 0)
         g_S0 = -(g_alpha * m1 + g_raw * (m2 - 2 * m1 * m1)) / safe * (count >= safe)
         d0, d1, d2 = (g.unsqueeze(-1) for g in (g_S0, (g_alpha - 2 * m1 * g_raw) / safe, g_raw / safe))
-        tau, d = _responsibilities(x, t)
-        xt = (x - stats.shift.view(1, -1, 1)).unsqueeze(1)
+        xt = (x - s.shift.view(1, -1, 1)).unsqueeze(1)
         e = d0 + (d1 + d2 * xt) * xt
         dl = tau * (e - (tau * e).sum(1, keepdim=True))
-        dx += (tau * (d1 + 2 * d2 * xt)).sum(1) - 2 * (dl * t.h.unsqueeze(-1) * d).sum(1)
+        dx += (tau * (d1 + 2 * d2 * xt)).sum(1) - 2 * (dl * s.h.unsqueeze(-1) * d).sum(1)
         L0s, R1s, R2s = _logit_reductions(dl, d, t)
         g_h, g_lc, g_mu = g_h - R2s.sum(0), g_lc + L0s, g_mu + R1s.sum(0)
-    rstd = torch.rsqrt(stats.delta2 + t.eps)
-    return Grads(log_weight=g_lc - 0.5 * E1 * A, mu=2 * t.h * g_mu, var=-0.5 * (g_h / t.var + g_lc.sum(0)) / t.var,
-                 gamma=(E1 * torch.exp(-0.5 * t.log_weight) * rstd).sum((0, 1)), beta=E0.sum((0, 1)),
-                 alpha=g_alpha, delta2=g_delta2)
+    rstd = torch.rsqrt(s.delta2 + t.eps)
+    g_log_weight = g_lc - 0.5 * E1 * s.A
+    g_var = -0.5 * (g_h / s.var + g_lc.sum(0)) / s.var
+    if t.floors:
+        with torch.enable_grad():
+            params = [t.weight_param.detach().requires_grad_(), t.var_param.detach().requires_grad_()]
+            _, log_weight, var = parametrise(*params, *t.floors)
+            g_log_weight, g_var = torch.autograd.grad((log_weight, var), params, (g_log_weight, g_var))
+    return dx, Grads(weight_param=g_log_weight, mu=2 * s.h * g_mu, var_param=g_var,
+                     gamma=(E1 * torch.exp(-0.5 * s.log_weight) * rstd).sum((0, 1)), beta=E0.sum((0, 1)),
+                     alpha=g_alpha, delta2=g_delta2)

@@ -20,14 +20,14 @@ what a distributed version all-reduces (with a shift common to all processes).
 The layer is one autograd node: two full-size passes forward (sums, output) and two
 backward (analytic, the second adding to the first's input gradient); the small (K, C)
 maths between them is differentiated by hand too, and done inside the compiled kernel's
-calls when it serves the input (``kernel.py``). Gradients flow to x,
-to the mixture (through τ), and to γ, β; the mixture may instead be constant (MN's EM
-estimates).
+calls when it serves the input (one call forward, one backward; ``kernel.py``). Gradients
+flow to x, to the mixture (through τ) or to a learned mixture's parameters (UAN), and to
+γ, β; the mixture may instead be constant (MN's EM estimates).
 """
 
 from __future__ import annotations
 
-import math
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -52,17 +52,30 @@ class Mixture(NamedTuple):
     var: Tensor
 
 
+class LearnedMixture(NamedTuple):
+    """A per-channel 1-D Gaussian mixture in UAN's parametrisation (``kernel.parametrise``):
+    λ = w + (1 − K w) softmax_k(prior_logits), σ² = softplus(raw_var) + v_min.
+
+    Shape:
+        prior_logits: (G, K, C).
+        mean: (K, C) μ.
+        raw_var: (K, C).
+        min_weight, min_var: the floors w and v_min.
+    """
+
+    prior_logits: Tensor
+    mean: Tensor
+    raw_var: Tensor
+    min_weight: float
+    min_var: float
+
+
 class BatchStats(NamedTuple):
     """Responsibility-weighted batch statistics, each (K, C): Σ τ_k, α_k and biased δ_k²."""
 
     count: Tensor
     mean: Tensor
     var: Tensor
-
-
-def _logit_terms(log_weight: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """h = 1/(2σ²) and lc = log λ − ½ log(2πσ²): log λ_k N(x; μ_k, σ_k²) = lc_k − h_k (x − μ_k)²."""
-    return 0.5 / var, log_weight - 0.5 * torch.log(2 * math.pi * var)
 
 
 class _Transform(Function):
@@ -75,21 +88,21 @@ class _Transform(Function):
     Backward: the output pass gives ∂L/∂x (direct part) and E0 = Σ g τ, E1 = Σ g τ (x − α);
     then ∂L/∂α = −Σ_g A E0, ∂L/∂A = E1, ∂L/∂δ² = −½ Σ_g E1 A / (δ² + ε), and through α, δ² to
     ∂L/∂S, which the sums pass turns into the rest of ∂L/∂x and the responsibilities' part of
-    ∂L/∂(μ, h, lc). The shift is a constant: ∂α/∂s = 1 − S0/S0 = 0 in exact arithmetic.
+    ∂L/∂(μ, h, lc), and on to (log λ, σ²) and, for a learned mixture, its parameters.
+    The shift is a constant: ∂α/∂s = 1 − S0/S0 = 0 in exact arithmetic.
     """
 
     @staticmethod
-    def forward(ctx, x, context, eps, log_weight, mean, var, weight, bias, alpha_in, delta2_in):
-        h, lc = _logit_terms(log_weight, var)
-        tables = kernel.Tables(context, mean, h, lc, log_weight, var, weight, bias, eps)
+    def forward(ctx, x, context, eps, floors, running, weight_param, mean, var_param, weight, bias, alpha_in,
+                delta2_in):
+        tables = kernel.Tables(context, mean, weight_param, var_param, weight, bias, eps, floors)
         given = None if alpha_in is None else (alpha_in, delta2_in)
-        shift, sums = kernel.batch_sums(x, tables) if given is None else (None, None)
-        y, stats = kernel.output(x, tables, shift, sums, given)
+        y, stats = kernel.forward(x, tables, given, running)
         ctx.save_for_backward(x)
         ctx.tables, ctx.stats = tables, stats
         if given is not None:
             return y
-        batch = (sums[0], stats.alpha, stats.delta2)
+        batch = (stats.sums[0], stats.alpha, stats.delta2)
         ctx.mark_non_differentiable(*batch)
         return y, *batch
 
@@ -97,12 +110,9 @@ class _Transform(Function):
     @once_differentiable
     def backward(ctx, gy, *unused):
         (x,) = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_mixture = any(need[3:6])
-        dx, red = kernel.output_backward(gy.contiguous(), x, ctx.tables, ctx.stats, need_mixture)
-        g = kernel.finish_backward(dx, red, x, ctx.tables, ctx.stats, need_mixture)
-        grads = (g.log_weight, g.mu, g.var, g.gamma, g.beta, g.alpha, g.delta2)
-        return dx, None, None, *(grad if needed else None for grad, needed in zip(grads, need[3:]))
+        need = ctx.needs_input_grad[5:]
+        dx, g = kernel.backward(gy.contiguous(), x, ctx.tables, ctx.stats, need_param_grads=any(need[:3]))
+        return dx, None, None, None, None, *(grad if needed else None for grad, needed in zip(g, need))
 
 
 def _validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
@@ -117,9 +127,9 @@ def _validate_context(context: Tensor | None, n: int, groups: int, device: torch
     return context.to(device=device, dtype=torch.int64).contiguous()
 
 
-def mixture_normalize(x: Tensor, mixture: Mixture, weight: Tensor | None, bias: Tensor | None,
-                      eps: float, context: Tensor | None = None,
-                      stats: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, BatchStats | None]:
+def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tensor | None, bias: Tensor | None,
+                      eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
+                      running: kernel.Running | None = None) -> tuple[Tensor, BatchStats | None]:
     """Apply the mixture normalizing transform of ALGORITHMS.md §2.
 
     Statistics and the output are computed in float32 (float64 stays float64) with autocast
@@ -127,12 +137,15 @@ def mixture_normalize(x: Tensor, mixture: Mixture, weight: Tensor | None, bias: 
 
     Args:
         x: activations, (N, C, *spatial) or (N, C).
-        mixture: the mixture that defines τ; ``mixture.log_weight`` has one table per context.
+        mixture: the mixture that defines τ, given directly or as a learned mixture's
+            parameters (gradients then flow to those); its weights have one table per context.
         weight: γ (C,) or None (1).
         bias: β (C,) or None (0).
         eps: ε added to δ_k².
-        context: per-sample context ids (N,) selecting the log-weight table; None uses table 0.
+        context: per-sample context ids (N,) selecting the weight table; None uses table 0.
         stats: (α, δ²), each (K, C), to use instead of batch statistics (evaluation).
+        running: (running α, running δ², momentum): with batch statistics, updated in place
+            as r ← r + momentum (batch − r), δ² corrected by Σ τ / (Σ τ − 1).
 
     Returns:
         The normalized tensor (shape and dtype of x) and the batch statistics (None when
@@ -144,16 +157,16 @@ def mixture_normalize(x: Tensor, mixture: Mixture, weight: Tensor | None, bias: 
     if stats is None and x[:, 0].numel() < 2:
         raise ValueError(f"Expected more than 1 value per channel in training to compute batch statistics, "
                          f"got input of shape {tuple(x.shape)}")
-    groups = mixture.log_weight.shape[0]
-    context = _validate_context(context, n, groups, x.device)
+    floors = mixture[3:] if isinstance(mixture, LearnedMixture) else None
+    context = _validate_context(context, n, mixture[0].shape[0], x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext():
         x3 = x.reshape(n, c, -1).to(compute).contiguous()
         gamma = weight if weight is not None else torch.ones(c, device=x.device)
         beta = bias if bias is not None else torch.zeros(c, device=x.device)
         given = (None, None) if stats is None else stats
         # The kernel reads raw pointers: every table contiguous in the compute dtype.
-        tensors = [t if t is None else t.to(compute).contiguous() for t in (*mixture, gamma, beta, *given)]
-        out = _Transform.apply(x3, context, eps, *tensors)
+        tensors = [t if t is None else t.to(compute).contiguous() for t in (*mixture[:3], gamma, beta, *given)]
+        out = _Transform.apply(x3, context, eps, floors, running, *tensors)
     y, batch = (out, None) if stats is not None else (out[0], BatchStats(*out[1:]))
     return y.reshape(x.shape).to(x.dtype), batch

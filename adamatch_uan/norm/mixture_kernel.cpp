@@ -6,7 +6,9 @@
 //     logit_k(x) = lc[g,k,c] - h[k,c] * (x - mu[k,c])^2,   tau = softmax_k(logit)
 // where h = 1 / (2 sigma^2) and lc = log lambda - 0.5 log(2 pi sigma^2).
 // Each pass recomputes tau in registers instead of storing a (N, K, C, P) tensor, so the
-// layer reads x once per pass, as BatchNorm does. Channels are independent and are split
+// layer reads x once per pass, as BatchNorm does; for small inputs (MixArgs.tau set) the
+// forward's stats pass stores tau and the three later passes read it instead of
+// recomputing K exponentials per element. Channels are independent and are split
 // between OpenMP threads; built with -fopenmp, the kernel binds to the libgomp that torch
 // has already loaded, so it shares torch's thread pool.
 //
@@ -16,11 +18,14 @@
 // group changes. Flat inputs (P == 1, x is (N, C)): the SIMD loop runs across the channels
 // of a sample, each lane with its own channel's tables and accumulators.
 //
-// Four exported calls, each over channel ranges split between threads: mix_stats (shift and
-// sums), mix_apply (alpha, delta^2, A from the sums, then the output), mix_apply_backward
-// (input gradient and reductions), mix_finish_backward (gradient of the sums, the stats
-// pass's part of the input gradient, every parameter gradient). The (K, C)-sized maths
-// lives here too, so the Python side issues no small torch ops between calls.
+// Two exported calls, each over channel ranges split between threads, each thread doing
+// every step for its channels (no step needs another channel's results):
+// mix_forward (UAN's parametrisation, the logit tables, the stats pass (shift and sums),
+// alpha, delta^2 and A, running averages, the output pass) and mix_backward (the output
+// pass's backward (input gradient and reductions), the gradient of the sums, the stats
+// pass's backward (the rest of the input gradient), every parameter gradient, the chain
+// through the parametrisation). The (K, C)-sized maths lives here too, so the Python side
+// issues no small torch ops around the calls.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,29 +44,40 @@
 namespace {
 
 struct MixArgs {
-  const void* x;           // (N, C, P) input
-  const int64_t* ctx;      // (N,) group ids, or null for group 0
-  const void* grad;        // (N, C, P) upstream gradient (backward)
+  const void* x;             // (N, C, P) input
+  const int64_t* ctx;        // (N,) group ids, or null for group 0
+  const void* grad;          // (N, C, P) upstream gradient (backward)
   int64_t N, C, P, K, G;
-  const void* mu;          // (K, C)
-  const void* h;           // (K, C) 1 / (2 sigma^2)
-  const void* lc;          // (G, K, C) log lambda - 0.5 log(2 pi sigma^2)
-  const void* log_weight;  // (G, K, C) log lambda
-  const void* var;         // (K, C) sigma^2
-  const void* gamma;       // (C,)
-  const void* beta;        // (C,)
+  const void* mu;            // (K, C)
+  const void* weight_param;  // (G, K, C) prior logits p (parametrised), else unused
+  const void* var_param;     // (K, C) softplus pre-activation r (parametrised), else unused
+  const void* gamma;         // (C,)
+  const void* beta;          // (C,)
   double eps;
-  void* shift;             // (C,) shift of the sums: written by mix_stats
-  void* sums;              // (3, K, C) batch sums: written by mix_stats; null with given statistics
-  void* alpha;             // (K, C) alpha_k: written from the sums, or given
-  void* delta2;            // (K, C) delta_k^2: written from the sums, or given
-  void* A;                 // (G, K, C) output scales: written by mix_apply
-  void* dS;                // (3, K, C) scratch: gradient of the sums
-  void* out;               // (N, C, P) output, or input gradient
-  void* red;               // (5, G, K, C) reductions of mix_apply_backward
-  void* red2;              // (3, G, K, C) scratch: reductions of the stats backward
-  void* grads;             // packed: log_weight (G,K,C), mu, var, alpha, delta2 (K,C), gamma, beta (C)
+  int64_t parametrised;      // lambda = w + (1 - K w) softmax_k(p), sigma^2 = softplus(r) + min_var
+  double min_weight, min_var;
+  void* log_weight;          // (G, K, C) log lambda: written by mix_forward when parametrised, else given
+  void* var;                 // (K, C) sigma^2: written by mix_forward when parametrised, else given
+  void* h;                   // (K, C) 1 / (2 sigma^2): written by mix_forward
+  void* lc;                  // (G, K, C) log lambda - 0.5 log(2 pi sigma^2): written by mix_forward
+  void* shift;               // (C,) shift of the sums: written by mix_forward
+  void* sums;                // (3, K, C) batch sums: written by mix_forward; null with given statistics
+  void* alpha;               // (K, C) alpha_k: written from the sums, or given
+  void* delta2;              // (K, C) delta_k^2: written from the sums, or given
+  void* A;                   // (G, K, C) output scales: written by mix_forward
+  void* running_mean;        // (K, C) running alpha, updated in place by mix_forward; or null
+  void* running_var;         // (K, C) running delta^2 (corrected by S0 / (S0 - 1)); or null
+  double momentum;
+  void* out;                 // (N, C, P) output (forward) or input gradient (backward)
+  void* tau;                 // responsibilities cached by mix_forward's stats pass for the other passes; or null
+  // Gradients written by mix_backward: w.r.t. weight_param (or log lambda), mu, var_param
+  // (or sigma^2), given alpha and delta^2, gamma, beta.
+  void *g_weight, *g_mu, *g_var, *g_alpha, *g_delta2, *g_gamma, *g_beta;
   int64_t need_param_grads;
+  // Scratch of mix_backward, set by the call itself.
+  void* dS;                  // (3, K, C) gradient of the sums
+  void* red;                 // (5, G, K, C) reductions of the output backward
+  void* red2;                // (3, G, K, C) reductions of the stats backward
 };
 
 template <typename T>
@@ -111,13 +127,45 @@ MIX_INLINE void responsibilities(T xv, const Tab& m, const Tab& hh, const Tab& l
 // Context (group) of sample n.
 MIX_INLINE int64_t row_group(const MixArgs& a, int64_t n) { return a.ctx ? a.ctx[n] : 0; }
 
+// Where a pass gets the responsibilities: recomputed in registers, also stored to, or
+// loaded from a cache (MixArgs.tau) that holds one row's K components `stride` apart.
+enum TauMode { kRecompute, kStore, kLoad };
+template <typename T, int K, int Mode>
+struct TauRow {
+  T* cache;
+  int64_t stride;
+  template <typename Tab>
+  MIX_INLINE void get(T xv, const Tab& m, const Tab& hh, const Tab& l0, int64_t i, T* t) const {
+    if (Mode == kLoad) {
+      MIX_UNROLL
+      for (int k = 0; k < K; ++k) t[k] = cache[k * stride + i];
+      return;
+    }
+    responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+    if (Mode == kStore) {
+      MIX_UNROLL
+      for (int k = 0; k < K; ++k) cache[k * stride + i] = t[k];
+    }
+  }
+};
+
+// The cache row of sample n (and channel c): laid out (N, K, C) for flat inputs, indexed
+// by channel; (N, C, K, P) otherwise, indexed by position.
+template <typename T, int K, int Mode>
+MIX_INLINE TauRow<T, K, Mode> tau_row(const MixArgs& a, int64_t n, int64_t c) {
+  if (Mode == kRecompute) return {nullptr, 0};
+  T* base = static_cast<T*>(a.tau);
+  if (a.P == 1) return {base + n * K * a.C, a.C};
+  return {base + (n * a.C + c) * K * a.P, a.P};
+}
+
 // ---- Per-element maths, shared by both layouts; add(r, k, v) accumulates reduction r. ----
 
 // Stats: tau_k * {1, xt, xt^2}, xt = x - shift.
-template <typename T, int K, typename Tab, typename Add>
-MIX_INLINE void stats_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, Add&& add) {
+template <typename T, int K, typename Tab, typename Tau, typename Add>
+MIX_INLINE void stats_element(const Tau& tau, int64_t i, T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, Add&& add) {
   T t[K];
-  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  tau.get(xv, m, hh, l0, i, t);
   const T xt = xv - sh;
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
@@ -128,10 +176,10 @@ MIX_INLINE void stats_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, 
 }
 
 // Output: y = beta + sum_k tau_k * A[g,k] * (x - alpha_k).
-template <typename T, int K, typename Tab>
-MIX_INLINE T apply_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag, const Tab& al, T b) {
+template <typename T, int K, typename Tab, typename Tau>
+MIX_INLINE T apply_element(const Tau& tau, int64_t i, T xv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag, const Tab& al, T b) {
   T t[K];
-  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  tau.get(xv, m, hh, l0, i, t);
   T s = b;
   MIX_UNROLL
   for (int k = 0; k < K; ++k) s += t[k] * Ag[k] * (xv - al[k]);
@@ -140,11 +188,11 @@ MIX_INLINE T apply_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, con
 
 // Backward of apply: returns d loss / dx and accumulates E0 = g tau, E1 = g tau (x - alpha)
 // and, with Params, L0 = dl, R1 = dl (x - mu), R2 = dl (x - mu)^2, dl = d loss / d logit.
-template <typename T, int K, bool Params, typename Tab, typename Add>
-MIX_INLINE T apply_backward_element(T xv, T gv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag,
+template <typename T, int K, bool Params, typename Tab, typename Tau, typename Add>
+MIX_INLINE T apply_backward_element(const Tau& tau, int64_t i, T xv, T gv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag,
                                     const Tab& al, Add&& add) {
   T t[K], u[K];
-  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  tau.get(xv, m, hh, l0, i, t);
   T yhat = 0, direct = 0;
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
@@ -172,11 +220,11 @@ MIX_INLINE T apply_backward_element(T xv, T gv, const Tab& m, const Tab& hh, con
 
 // Backward of stats given dS: returns the part of d loss / dx and, with Params,
 // accumulates L0, R1, R2 as above.
-template <typename T, int K, bool Params, typename Tab, typename Add>
-MIX_INLINE T stats_backward_element(T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, const Tab& d0,
+template <typename T, int K, bool Params, typename Tab, typename Tau, typename Add>
+MIX_INLINE T stats_backward_element(const Tau& tau, int64_t i, T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, const Tab& d0,
                                     const Tab& d1, const Tab& d2, Add&& add) {
   T t[K], e[K];
-  responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+  tau.get(xv, m, hh, l0, i, t);
   const T xt = xv - sh;
   T ebar = 0, direct = 0;
   MIX_UNROLL
@@ -295,7 +343,7 @@ struct Channel {
 };
 
 // red (3, 1, K, C) = sums of tau_k * {1, xt, xt^2}, xt = x - shift[c].
-template <typename T, int K>
+template <typename T, int K, int Mode>
 MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
   constexpr int L = kLanes<T>;
   Lanes<T, 3, K> acc(1);
@@ -309,9 +357,10 @@ MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
       ch.table(a.lc, ch.group(n), l0);
       acc.row(0);
       const T* __restrict__ xr = ch.row(a.x, n);
+      const auto tau = tau_row<T, K, Mode>(a, n, c);
       if (n + 1 < a.N) prefetch_row(ch.row(a.x, n + 1), a.P);
       for_positions<L>(a.P, [&](int64_t p, int j) {
-        stats_element<T, K, const T*>(xr[p], ch.m, ch.hh, l0, sh, acc.adder(j));
+        stats_element<T, K, const T*>(tau, p, xr[p], ch.m, ch.hh, l0, sh, acc.adder(j));
       });
     }
     acc.store(a.sums, c, a.C);
@@ -319,7 +368,7 @@ MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
 }
 
 // y = beta + sum_k tau_k * A[g,k] * (x - alpha_k)
-template <typename T, int K>
+template <typename T, int K, int Mode>
 MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
   constexpr int L = kLanes<T>;
   for (int64_t c = c0; c < c1; ++c) {
@@ -333,19 +382,20 @@ MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
       ch.table(a.lc, g, l0);
       ch.table(a.A, g, Ag);
       const T* __restrict__ xr = ch.row(a.x, n);
+      const auto tau = tau_row<T, K, Mode>(a, n, c);
       T* __restrict__ yr = ch.row(a.out, n);
       if (n + 1 < a.N) {
         prefetch_row(ch.row(a.x, n + 1), a.P);
         prefetch_row(ch.row(a.out, n + 1), a.P, true);
       }
-      for_positions<L>(a.P, [&](int64_t p, int) { yr[p] = apply_element<T, K, const T*>(xr[p], ch.m, ch.hh, l0, Ag, al, b); });
+      for_positions<L>(a.P, [&](int64_t p, int) { yr[p] = apply_element<T, K, const T*>(tau, p, xr[p], ch.m, ch.hh, l0, Ag, al, b); });
     }
   }
 }
 
 // Backward of apply. red (5, G, K, C): E0, E1, L0, R1, R2 of apply_backward_element.
 // Without need_param_grads only E0, E1 are reduced (the last three stay 0).
-template <typename T, int K, bool Params>
+template <typename T, int K, bool Params, int Mode>
 MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
   constexpr int L = kLanes<T>;
   Lanes<T, 5, K> acc(a.G);
@@ -361,6 +411,7 @@ MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
       ch.table(a.A, g, Ag);
       acc.row(g);
       const T* __restrict__ xr = ch.row(a.x, n);
+      const auto tau = tau_row<T, K, Mode>(a, n, c);
       const T* __restrict__ gr = ch.row(a.grad, n);
       T* __restrict__ dxr = ch.row(a.out, n);
       if (n + 1 < a.N) {
@@ -369,7 +420,7 @@ MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
         prefetch_row(ch.row(a.out, n + 1), a.P, true);
       }
       for_positions<L>(a.P, [&](int64_t p, int j) {
-        dxr[p] = apply_backward_element<T, K, Params, const T*>(xr[p], gr[p], ch.m, ch.hh, l0, Ag, al, acc.adder(j));
+        dxr[p] = apply_backward_element<T, K, Params, const T*>(tau, p, xr[p], gr[p], ch.m, ch.hh, l0, Ag, al, acc.adder(j));
       });
     }
     acc.store(a.red, c, a.C);
@@ -379,7 +430,7 @@ MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
 // Backward of stats given dS (3, K, C); adds the input gradient to `out` (apply_backward's
 // result), so the layer writes one input-gradient tensor. red (3, G, K, C): L0, R1, R2
 // (0 without need_param_grads).
-template <typename T, int K, bool Params>
+template <typename T, int K, bool Params, int Mode>
 MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
   constexpr int L = kLanes<T>;
   Lanes<T, 3, K> acc(a.G);
@@ -397,13 +448,14 @@ MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
       ch.table(a.lc, g, l0);
       acc.row(g);
       const T* __restrict__ xr = ch.row(a.x, n);
+      const auto tau = tau_row<T, K, Mode>(a, n, c);
       T* __restrict__ dxr = ch.row(a.out, n);
       if (n + 1 < a.N) {
         prefetch_row(ch.row(a.x, n + 1), a.P);
         prefetch_row(ch.row(a.out, n + 1), a.P, true);
       }
       for_positions<L>(a.P, [&](int64_t p, int j) {
-        dxr[p] += stats_backward_element<T, K, Params, const T*>(xr[p], ch.m, ch.hh, l0, sh, d0, d1, d2, acc.adder(j));
+        dxr[p] += stats_backward_element<T, K, Params, const T*>(tau, p, xr[p], ch.m, ch.hh, l0, sh, d0, d1, d2, acc.adder(j));
       });
     }
     acc.store(a.red2, c, a.C);
@@ -460,7 +512,7 @@ struct Column {
   MIX_INLINE T operator[](int k) const { return t[k * C + c]; }
 };
 
-template <typename T, int K>
+template <typename T, int K, int Mode>
 MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t C = a.C;
   const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
@@ -470,6 +522,7 @@ MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) sh[c] = static_cast<const T*>(a.x)[c];
   for (int64_t n = 0; n < a.N; ++n) {
     const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    const auto tau = tau_row<T, K, Mode>(a, n, 0);
     const int64_t g = row_group(a, n);
     const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
     T* __restrict__ s = acc.at(0, c0);
@@ -479,14 +532,14 @@ MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
       const Column<T> m{mu, C, c};
       const Column<T> hh{h, C, c};
       const Column<T> l0{lc_g, C, c};
-      stats_element<T, K, Column<T>>(xr[c], m, hh, l0, sh[c], [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
+      stats_element<T, K, Column<T>>(tau, c, xr[c], m, hh, l0, sh[c], [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
     }
     acc.row();
   }
   acc.store(a.sums, c0, a.C);
 }
 
-template <typename T, int K>
+template <typename T, int K, int Mode>
 MIX_PASS void apply_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t C = a.C;
   const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
@@ -495,6 +548,7 @@ MIX_PASS void apply_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   const T* beta = static_cast<const T*>(a.beta);
   for (int64_t n = 0; n < a.N; ++n) {
     const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    const auto tau = tau_row<T, K, Mode>(a, n, 0);
     T* __restrict__ yr = static_cast<T*>(a.out) + n * C;
     const int64_t g = row_group(a, n);
     const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
@@ -506,12 +560,12 @@ MIX_PASS void apply_flat(const MixArgs& a, int64_t c0, int64_t c1) {
       const Column<T> l0{lc_g, C, c};
       const Column<T> Ag{A_g, C, c};
       const Column<T> al{alpha, C, c};
-      yr[c] = apply_element<T, K, Column<T>>(xr[c], m, hh, l0, Ag, al, beta[c]);
+      yr[c] = apply_element<T, K, Column<T>>(tau, c, xr[c], m, hh, l0, Ag, al, beta[c]);
     }
   }
 }
 
-template <typename T, int K, bool Params>
+template <typename T, int K, bool Params, int Mode>
 MIX_PASS void apply_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t C = a.C;
   const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
@@ -520,6 +574,7 @@ MIX_PASS void apply_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   ChannelSums<T, 5, K> acc(a.G, c0, c1);
   for (int64_t n = 0; n < a.N; ++n) {
     const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    const auto tau = tau_row<T, K, Mode>(a, n, 0);
     const T* __restrict__ gr = static_cast<const T*>(a.grad) + n * C;
     T* __restrict__ dxr = static_cast<T*>(a.out) + n * C;
     const int64_t g = row_group(a, n);
@@ -534,14 +589,14 @@ MIX_PASS void apply_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
       const Column<T> l0{lc_g, C, c};
       const Column<T> Ag{A_g, C, c};
       const Column<T> al{alpha, C, c};
-      dxr[c] = apply_backward_element<T, K, Params, Column<T>>(xr[c], gr[c], m, hh, l0, Ag, al, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
+      dxr[c] = apply_backward_element<T, K, Params, Column<T>>(tau, c, xr[c], gr[c], m, hh, l0, Ag, al, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
     }
     acc.row();
   }
   acc.store(a.red, c0, a.C);
 }
 
-template <typename T, int K, bool Params>
+template <typename T, int K, bool Params, int Mode>
 MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t C = a.C;
   const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
@@ -553,6 +608,7 @@ MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
   const T* sh = static_cast<const T*>(a.shift);
   for (int64_t n = 0; n < a.N; ++n) {
     const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
+    const auto tau = tau_row<T, K, Mode>(a, n, 0);
     T* __restrict__ dxr = static_cast<T*>(a.out) + n * C;
     const int64_t g = row_group(a, n);
     const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
@@ -566,7 +622,7 @@ MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
       const Column<T> d0{dS, C, c};
       const Column<T> d1{dS_1, C, c};
       const Column<T> d2{dS_2, C, c};
-      dxr[c] += stats_backward_element<T, K, Params, Column<T>>(xr[c], m, hh, l0, sh[c], d0, d1, d2, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
+      dxr[c] += stats_backward_element<T, K, Params, Column<T>>(tau, c, xr[c], m, hh, l0, sh[c], d0, d1, d2, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
     }
     acc.row();
   }
@@ -612,20 +668,14 @@ void output_tables(const MixArgs& a, int64_t c0, int64_t c1) {
     }
 }
 
-// Views of the packed gradient buffer.
+// Typed views of the gradient outputs.
 template <typename T>
 struct Grads {
   T *log_weight, *mu, *var, *alpha, *delta2, *gamma, *beta;
-  explicit Grads(const MixArgs& a) {
-    const int64_t KC = a.K * a.C;
-    log_weight = static_cast<T*>(a.grads);
-    mu = log_weight + a.G * KC;
-    var = mu + KC;
-    alpha = var + KC;
-    delta2 = alpha + KC;
-    gamma = delta2 + KC;
-    beta = gamma + a.C;
-  }
+  explicit Grads(const MixArgs& a)
+      : log_weight(static_cast<T*>(a.g_weight)), mu(static_cast<T*>(a.g_mu)), var(static_cast<T*>(a.g_var)),
+        alpha(static_cast<T*>(a.g_alpha)), delta2(static_cast<T*>(a.g_delta2)), gamma(static_cast<T*>(a.g_gamma)),
+        beta(static_cast<T*>(a.g_beta)) {}
 };
 
 // From the output pass's reductions E0, E1: dL/dalpha, dL/ddelta^2 and, with batch
@@ -696,42 +746,149 @@ void parameter_grads(const MixArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
-// Each pass picks its layout: flat for (N, C) inputs, spatial otherwise.
-template <typename T, int K>
-struct StatsPass {
-  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
-    a.P == 1 ? stats_flat<T, K>(a, c0, c1) : stats<T, K>(a, c0, c1);
-  }
-};
-template <typename T, int K>
-struct ApplyPass {
-  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
-    output_tables<T>(a, c0, c1);
-    a.P == 1 ? apply_flat<T, K>(a, c0, c1) : apply<T, K>(a, c0, c1);
-  }
-};
-template <typename T, int K>
-struct ApplyBackwardPass {
-  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
-    if (a.P == 1)
-      a.need_param_grads ? apply_backward_flat<T, K, true>(a, c0, c1) : apply_backward_flat<T, K, false>(a, c0, c1);
-    else
-      a.need_param_grads ? apply_backward<T, K, true>(a, c0, c1) : apply_backward<T, K, false>(a, c0, c1);
-  }
-};
-// The rest of the backward: the sums' gradient, the stats pass (batch statistics only),
-// which adds its part of the input gradient, and every parameter gradient.
-template <typename T, int K>
-struct FinishBackwardPass {
-  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
-    sums_gradient<T>(a, c0, c1);
-    if (a.sums) {
-      if (a.P == 1)
-        a.need_param_grads ? stats_backward_flat<T, K, true>(a, c0, c1) : stats_backward_flat<T, K, false>(a, c0, c1);
-      else
-        a.need_param_grads ? stats_backward<T, K, true>(a, c0, c1) : stats_backward<T, K, false>(a, c0, c1);
+// torch's softplus (linear above 20) and its derivative, the logistic function.
+template <typename T>
+MIX_INLINE T softplus(T r) { return r > T(20) ? r : std::log1p(std::exp(r)); }
+template <typename T>
+MIX_INLINE T softplus_slope(T r) { return r > T(20) ? T(1) : T(1) / (T(1) + std::exp(-r)); }
+
+// softmax_k(p[g, :, c]) into s[K]; returns log sum_k exp(p_k).
+template <typename T>
+T prior_softmax(const MixArgs& a, int64_t g, int64_t c, T* s) {
+  const T* p = static_cast<const T*>(a.weight_param);
+  const int64_t K = a.K, C = a.C;
+  T mx = p[g * K * C + c], total = 0;
+  for (int64_t k = 1; k < K; ++k) mx = std::max(mx, p[(g * K + k) * C + c]);
+  for (int64_t k = 0; k < K; ++k) total += s[k] = std::exp(p[(g * K + k) * C + c] - mx);
+  for (int64_t k = 0; k < K; ++k) s[k] /= total;
+  return mx + std::log(total);
+}
+
+// UAN's parametrisation: log lambda = log(w + (1 - K w) softmax_k(p)) (log_softmax when
+// w = 0, so no weight underflows to log 0) and sigma^2 = softplus(r) + min_var.
+template <typename T>
+void parametrise(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C;
+  const T w = T(a.min_weight);
+  T s[8];
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t g = 0; g < a.G; ++g) {
+      const T log_total = prior_softmax<T>(a, g, c, s);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t gi = (g * K + k) * C + c;
+        static_cast<T*>(a.log_weight)[gi] = w == T(0) ? static_cast<const T*>(a.weight_param)[gi] - log_total
+                                                       : std::log(w + (T(1) - T(K) * w) * s[k]);
+      }
     }
+    for (int64_t k = 0; k < K; ++k)
+      static_cast<T*>(a.var)[k * C + c] = softplus(static_cast<const T*>(a.var_param)[k * C + c]) + T(a.min_var);
+  }
+}
+
+// The chain rule through parametrise, in place on the gradients of log lambda and sigma^2:
+// dL/dp_j = r_j dL/dlog lambda_j - s_j sum_k r_k dL/dlog lambda_k with r = (1 - K w) s / lambda
+// (1 when w = 0), and dL/dr = dL/dsigma^2 softplus'(r).
+template <typename T>
+void parametrise_backward(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C;
+  const T w = T(a.min_weight);
+  T s[8], ratio[8];
+  Grads<T> grad(a);
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t g = 0; g < a.G; ++g) {
+      prior_softmax<T>(a, g, c, s);
+      T total = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t gi = (g * K + k) * C + c;
+        ratio[k] = w == T(0) ? T(1) : (T(1) - T(K) * w) * s[k] / std::exp(static_cast<const T*>(a.log_weight)[gi]);
+        total += ratio[k] * grad.log_weight[gi];
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t gi = (g * K + k) * C + c;
+        grad.log_weight[gi] = ratio[k] * grad.log_weight[gi] - s[k] * total;
+      }
+    }
+    for (int64_t k = 0; k < K; ++k)
+      grad.var[k * C + c] *= softplus_slope(static_cast<const T*>(a.var_param)[k * C + c]);
+  }
+}
+
+// h = 1 / (2 sigma^2), lc = log lambda - 0.5 log(2 pi sigma^2).
+template <typename T>
+void logit_terms(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C;
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t k = 0; k < K; ++k) {
+      const T var = static_cast<const T*>(a.var)[k * C + c];
+      static_cast<T*>(a.h)[k * C + c] = T(0.5) / var;
+      const T log_norm = T(0.5) * std::log(T(2 * M_PI) * var);
+      for (int64_t g = 0; g < a.G; ++g) {
+        const int64_t gi = (g * K + k) * C + c;
+        static_cast<T*>(a.lc)[gi] = static_cast<const T*>(a.log_weight)[gi] - log_norm;
+      }
+    }
+}
+
+// Running averages as BatchNorm keeps them: r <- r + momentum (batch - r), with delta^2
+// corrected by S0 / max(S0 - 1, 1) (n / (n - 1) at K = 1).
+template <typename T>
+void track_running(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C;
+  const T m = T(a.momentum);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i = k * C + c;
+      const T count = static_cast<const T*>(a.sums)[i];
+      const T unbiased = static_cast<const T*>(a.delta2)[i] * count / std::max(count - T(1), T(1));
+      T& mean = static_cast<T*>(a.running_mean)[i];
+      T& var = static_cast<T*>(a.running_var)[i];
+      mean += m * (static_cast<const T*>(a.alpha)[i] - mean);
+      var += m * (unbiased - var);
+    }
+}
+
+// The forward of one channel range: tables, sums (batch statistics only), alpha, delta^2
+// and A, running averages, output. Channels are independent, so a thread needs no other's results.
+template <typename T, int K>
+struct ForwardPass {
+  template <int Mode>
+  static void stats_pass(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.P == 1 ? stats_flat<T, K, Mode>(a, c0, c1) : stats<T, K, Mode>(a, c0, c1);
+  }
+  template <int Mode>
+  static void apply_pass(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.P == 1 ? apply_flat<T, K, Mode>(a, c0, c1) : apply<T, K, Mode>(a, c0, c1);
+  }
+  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
+    if (a.parametrised) parametrise<T>(a, c0, c1);
+    logit_terms<T>(a, c0, c1);
+    if (a.sums) a.tau ? stats_pass<kStore>(a, c0, c1) : stats_pass<kRecompute>(a, c0, c1);
+    output_tables<T>(a, c0, c1);
+    if (a.sums && a.running_mean) track_running<T>(a, c0, c1);
+    a.tau ? apply_pass<kLoad>(a, c0, c1) : apply_pass<kRecompute>(a, c0, c1);
+  }
+};
+
+// The backward of one channel range: the output pass (input gradient's direct part and
+// reductions), the sums' gradient, the stats pass (batch statistics only), which adds its
+// part of the input gradient, every parameter gradient, and the chain through parametrise.
+template <typename T, int K>
+struct BackwardPass {
+  template <bool Params, int Mode>
+  static void passes(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.P == 1 ? apply_backward_flat<T, K, Params, Mode>(a, c0, c1) : apply_backward<T, K, Params, Mode>(a, c0, c1);
+    sums_gradient<T>(a, c0, c1);
+    if (a.sums)
+      a.P == 1 ? stats_backward_flat<T, K, Params, Mode>(a, c0, c1) : stats_backward<T, K, Params, Mode>(a, c0, c1);
+  }
+  template <bool Params>
+  static void passes(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.tau ? passes<Params, kLoad>(a, c0, c1) : passes<Params, kRecompute>(a, c0, c1);
+  }
+  static void run(const MixArgs& a, int64_t c0, int64_t c1) {
+    a.need_param_grads ? passes<true>(a, c0, c1) : passes<false>(a, c0, c1);
     parameter_grads<T>(a, c0, c1);
+    if (a.parametrised) parametrise_backward<T>(a, c0, c1);
   }
 };
 
@@ -765,8 +922,17 @@ int run(int is_double, const MixArgs* a, int threads) {
 }  // namespace
 
 extern "C" {
-int mix_stats(int is_double, const MixArgs* a, int threads) { return run<StatsPass>(is_double, a, threads); }
-int mix_apply(int is_double, const MixArgs* a, int threads) { return run<ApplyPass>(is_double, a, threads); }
-int mix_apply_backward(int is_double, const MixArgs* a, int threads) { return run<ApplyBackwardPass>(is_double, a, threads); }
-int mix_finish_backward(int is_double, const MixArgs* a, int threads) { return run<FinishBackwardPass>(is_double, a, threads); }
+int mix_forward(int is_double, const MixArgs* a, int threads) { return run<ForwardPass>(is_double, a, threads); }
+int mix_backward(int is_double, const MixArgs* a, int threads) {
+  // Scratch for dS, red, red2, laid out as MixArgs describes.
+  const int64_t KC = a->K * a->C, GKC = a->G * KC;
+  std::vector<double> scratch(3 * KC + 8 * GKC);
+  MixArgs b = *a;
+  char* base = reinterpret_cast<char*>(scratch.data());
+  const int64_t size = is_double ? sizeof(double) : sizeof(float);
+  b.dS = base;
+  b.red = base + 3 * KC * size;
+  b.red2 = base + (3 * KC + 5 * GKC) * size;
+  return run<BackwardPass>(is_double, &b, threads);
+}
 }

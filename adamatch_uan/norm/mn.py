@@ -146,12 +146,9 @@ class MixtureNorm(nn.Module):
             self._fit(x)
         # The mixture is saved for backward: clone it, so a later in-place fit leaves the graph valid.
         fit = Mixture(*(t.clone() for t in self._mixture("fit")))
-        y, batch = mixture_normalize(x, fit, self.weight, self.bias, self.eps)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            unbiased = batch.var * batch.count / (batch.count - 1).clamp_min(1)
-            self.running_alpha.lerp_(batch.mean, self.momentum)
-            self.running_delta2.lerp_(unbiased, self.momentum)
+        running = (self.running_alpha, self.running_delta2, self.momentum)
+        y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running)
+        self.num_batches_tracked.add_(1)
         return y
 
     def extra_repr(self) -> str:

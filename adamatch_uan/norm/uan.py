@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamatch_uan.norm.mixture import Mixture, mixture_normalize
+from adamatch_uan.norm.kernel import parametrise
+from adamatch_uan.norm.mixture import LearnedMixture, Mixture, mixture_normalize
 
 Inference = Literal["learned", "running"]
 
@@ -94,18 +94,17 @@ class UAN(nn.Module):
     @property
     def weights(self) -> Tensor:
         """λ, (G, K, C), Σ_k λ = 1, λ ≥ min_weight."""
-        K = self.num_components
-        return self.min_weight + (1 - K * self.min_weight) * torch.softmax(self.prior_logits, dim=1)
+        return parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)[0]
 
     @property
     def var(self) -> Tensor:
         """σ², (K, C), > min_var."""
-        return F.softplus(self.raw_var) + self.min_var
+        return parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)[2]
 
     def mixture(self) -> Mixture:
-        if self.min_weight == 0:
-            return Mixture(torch.log_softmax(self.prior_logits, dim=1), self.mean, self.var)
-        return Mixture(torch.log(self.weights), self.mean, self.var)
+        """The mixture (log λ, μ, σ²) the parameters define."""
+        _, log_weight, var = parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)
+        return Mixture(log_weight, self.mean, var)
 
     def _context(self, context: Tensor | int | None, n: int, device: torch.device) -> Tensor | None:
         if self.num_contexts is None:
@@ -121,19 +120,15 @@ class UAN(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | int | None = None) -> Tensor:
         context = self._context(context, x.shape[0], x.device)
+        # The transform differentiates through the parametrisation itself (one autograd node).
+        learned = LearnedMixture(self.prior_logits, self.mean, self.raw_var, self.min_weight, self.min_var)
         if self.training:
-            y, batch = mixture_normalize(x, self.mixture(), self.weight, self.bias, self.eps, context)
-            self._track(batch.count, batch.mean, batch.var)
+            running = (self.running_mean, self.running_var, self.momentum)
+            y, _ = mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, running=running)
+            self.num_batches_tracked.add_(1)
             return y
         stats = (self.mean, self.var) if self.inference == "learned" else (self.running_mean, self.running_var)
-        return mixture_normalize(x, self.mixture(), self.weight, self.bias, self.eps, context, stats)[0]
-
-    @torch.no_grad()
-    def _track(self, count: Tensor, mean: Tensor, var: Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        unbiased = var * count / (count - 1).clamp_min(1)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        return mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, stats)[0]
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
