@@ -154,7 +154,7 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
     if x.dim() < 2:
         raise ValueError(f"Expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
     n, c = x.shape[:2]
-    if stats is None and x[:, 0].numel() < 2:
+    if stats is None and x.numel() < 2 * c:
         raise ValueError(f"Expected more than 1 value per channel in training to compute batch statistics, "
                          f"got input of shape {tuple(x.shape)}")
     floors = mixture[3:] if isinstance(mixture, LearnedMixture) else None
@@ -166,7 +166,8 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
         beta = bias if bias is not None else torch.zeros(c, device=x.device)
         given = (None, None) if stats is None else stats
         # The kernel reads raw pointers: every table contiguous in the compute dtype.
-        tensors = [t if t is None else t.to(compute).contiguous() for t in (*mixture[:3], gamma, beta, *given)]
+        tensors = [t if t is None or (t.dtype == compute and t.is_contiguous()) else t.to(compute).contiguous()
+                   for t in (*mixture[:3], gamma, beta, *given)]
         out = _Transform.apply(x3, context, eps, floors, running, *tensors)
     y, batch = (out, None) if stats is not None else (out[0], BatchStats(*out[1:]))
     return y.reshape(x.shape).to(x.dtype), batch
