@@ -1,11 +1,12 @@
 """Where a UAN layer's time goes: its two mixture-transform calls against the whole layer
 and torch BatchNorm (K = 3, CPU), each timed back to back.
 
-    python benchmarks/mixture_calls.py [--repeats 200] [--out benchmarks/results/mixture_calls.json]
+    python benchmarks/mixture_calls.py [--repeats 200] [--tau-cache-bytes N] [--out benchmarks/results/mixture_calls.json]
 
 The calls are ``kernel.forward`` and ``kernel.backward`` on the backend the layer would use
 (the compiled kernel when available); the rest of the layer's time is the module, the
-autograd node and the Python around the calls.
+autograd node and the Python around the calls. ``--tau-cache-bytes`` overrides
+``kernel.TAU_CACHE_BYTES`` (0: every pass recomputes the responsibilities).
 """
 
 from __future__ import annotations
@@ -60,12 +61,15 @@ def measure(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--tau-cache-bytes", type=int, default=kernel.TAU_CACHE_BYTES)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mixture_calls.json"))
     args = parser.parse_args()
+    kernel.TAU_CACHE_BYTES = args.tau_cache_bytes
     rows = [{"shape": list(shape), "median_ms": measure(shape, args.repeats)} for shape in SHAPES]
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "cpu_kernel": kernel.kernel_available(), "repeats": args.repeats, "rows": rows}
+              "cpu_kernel": kernel.kernel_available(), "tau_cache_bytes": args.tau_cache_bytes,
+              "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     names = list(rows[0]["median_ms"])

@@ -20,8 +20,9 @@ With ``h = 1 / (2 σ²)`` and ``lc = log λ - ½ log(2π σ²)``, the responsibi
 Between the sums and the output (and between the two backward passes) a distributed
 version would all-reduce S (and the reductions); the kernel keeps those passes apart inside
 its calls. The compiled kernel (``mixture_kernel.cpp``) recomputes tau in registers in each
-pass, so a pass reads x once, and does the (K, C)-sized maths between passes itself: a
-layer is one call forward and one backward. It vectorizes along the positions of each
+pass, so a pass reads x once, except that inputs whose tau fits in ``TAU_CACHE_BYTES`` keep
+the forward's first tau for the other three passes; it does the (K, C)-sized maths between
+passes itself: a layer is one call forward and one backward. It vectorizes along the positions of each
 (sample, channel) row when P > 1, and along the channels of each sample for (N, C, 1)
 inputs. It is built with the system C++ compiler on first use and cached in
 ``$ADAMATCH_UAN_CACHE`` (default ``~/.cache/adamatch_uan``). It serves contiguous CPU

@@ -84,6 +84,8 @@ template <typename T>
 constexpr int kLanes = 64 / sizeof(T);
 // Rows summed in lanes before a flush to double: bounds float accumulation error.
 constexpr int kFlushRows = 8;
+// The largest K the calls serve (run_k's cases).
+constexpr int kMaxK = 8;
 
 // exp for arguments <= 0 (logits minus their max). Cephes-style polynomial that gcc
 // vectorizes; relative error ~1e-7, below float32 resolution of the softmax.
@@ -770,7 +772,7 @@ template <typename T>
 void parametrise(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C;
   const T w = T(a.min_weight);
-  T s[8];
+  T s[kMaxK];
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t g = 0; g < a.G; ++g) {
       const T log_total = prior_softmax<T>(a, g, c, s);
@@ -792,7 +794,7 @@ template <typename T>
 void parametrise_backward(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C;
   const T w = T(a.min_weight);
-  T s[8], ratio[8];
+  T s[kMaxK], ratio[kMaxK];
   Grads<T> grad(a);
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t g = 0; g < a.G; ++g) {
