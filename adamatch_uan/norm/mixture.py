@@ -80,7 +80,8 @@ class BatchStats(NamedTuple):
 
 class _Transform(Function):
     """Both passes of §2 as one autograd node, with the (K, C)-sized maths between them
-    differentiated by hand (no nested autograd), so the per-call cost stays small.
+    differentiated by hand, so the per-call cost stays small (the torch-ops backend alone
+    differentiates a learned mixture's parametrisation with a local autograd call).
 
     Forward, with h = 1/(2σ²), lc = log λ − ½ log(2πσ²) and sums S about the shift s:
         α = s + S1/S0,  δ² = max(S2/S0 − (S1/S0)², 0),  A_gk = γ λ_gk^(−½) (δ_k² + ε)^(−½),
