@@ -1,11 +1,11 @@
-"""Where a UAN layer's time goes: its two mixture-transform calls against the whole layer
-and torch BatchNorm (K = 3, CPU), each timed back to back.
+"""Where a UAN layer's time goes: its autograd node (the two mixture-kernel calls) against
+the whole layer and torch BatchNorm (K = 3, CPU), each timed back to back.
 
     python benchmarks/mixture_calls.py [--repeats 200] [--tau-cache-bytes N] [--out benchmarks/results/mixture_calls.json]
 
-The calls are ``kernel.forward`` and ``kernel.backward`` on the backend the layer would use
-(the compiled kernel when available); the rest of the layer's time is the module, the
-autograd node and the Python around the calls. ``--tau-cache-bytes`` overrides
+``node`` is ``kernel.transform`` forward and backward on the layer's tables (the compiled
+node when available), ``node forward`` its forward alone without autograd; the rest of the
+layer's time is the module and the Python around the node. ``--tau-cache-bytes`` overrides
 ``kernel.TAU_CACHE_BYTES`` (0: every pass recomputes the responsibilities).
 """
 
@@ -48,13 +48,15 @@ def measure(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
 
     times = {f"{name} layer": median_ms(lambda: step(layer), repeats) for name, layer in layers.items()}
     uan = layers["uan"]
+    x3, gy = x.detach().reshape(shape[0], shape[1], -1), grad.reshape(shape[0], shape[1], -1)
+    params = (uan.prior_logits, uan.mean, uan.raw_var, uan.weight, uan.bias, None, None)
+
+    def node():
+        return kernel.transform(x3, None, uan.eps, (uan.min_weight, uan.min_var), None, False, *params)
+
+    times["node"] = median_ms(lambda: node()[0].backward(gy), repeats)
     with torch.no_grad():
-        tables = kernel.Tables(None, uan.mean, uan.prior_logits, uan.raw_var, uan.weight, uan.bias, uan.eps,
-                               (uan.min_weight, uan.min_var))
-        x3, gy = x.detach().reshape(shape[0], shape[1], -1), grad.reshape(shape[0], shape[1], -1)
-        _, stats = kernel.forward(x3, tables)
-        times["forward"] = median_ms(lambda: kernel.forward(x3, tables), repeats)
-        times["backward"] = median_ms(lambda: kernel.backward(gy, x3, tables, stats, True), repeats)
+        times["node forward"] = median_ms(node, repeats)
     return times
 
 
@@ -73,11 +75,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     names = list(rows[0]["median_ms"])
-    print(f"{'shape':<20}" + "".join(f"{n:>17}" for n in names) + f"{'calls/uan':>11}")
+    print(f"{'shape':<20}" + "".join(f"{n:>14}" for n in names) + f"{'node/uan':>10}")
     for row in rows:
         t = row["median_ms"]
-        calls = sum(t[n] for n in names[2:])
-        print(f"{str(tuple(row['shape'])):<20}" + "".join(f"{t[n]:>17.3f}" for n in names) + f"{calls / t['uan layer']:>11.2f}")
+        print(f"{str(tuple(row['shape'])):<20}" + "".join(f"{t[n]:>14.3f}" for n in names)
+              + f"{t['node'] / t['uan layer']:>10.2f}")
     print(f"milliseconds; written to {args.out}")
 
 

@@ -32,15 +32,11 @@ sets ``ADAMATCH_UAN_KERNEL=0`` or no compiler is found, runs on the torch-ops ba
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import math
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -48,32 +44,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
-_SOURCE = Path(__file__).with_name("mixture_kernel.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("mixture_kernel.cpp", "mixture_node.cpp")]
+_HEADER = Path(__file__).with_name("mixture_kernel.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
-          "-fassociative-math", "-std=c++17", "-shared", "-fPIC"]
-# Below this many elements a pass is cheaper on one thread than waking the others.
-_PARALLEL_MIN_ELEMENTS = 1 << 15
+          "-fassociative-math"]
 # Up to this size the forward keeps the responsibilities (K x the input) for the later
 # passes, which then skip their exponentials; beyond it they recompute them, as reading a
 # cache that falls out of the CPU caches would cost more than the exponentials.
 TAU_CACHE_BYTES = 4 << 20
-
-
-def _pointers(*names: str) -> list[tuple[str, type]]:
-    return [(name, ctypes.c_void_p) for name in names]
-
-
-class _MixArgs(ctypes.Structure):
-    # The layout of MixArgs in mixture_kernel.cpp.
-    _fields_ = [*_pointers("x", "ctx", "grad"), *((name, ctypes.c_int64) for name in "NCPKG"),
-                *_pointers("mu", "weight_param", "var_param", "gamma", "beta"), ("eps", ctypes.c_double),
-                ("parametrised", ctypes.c_int64), ("min_weight", ctypes.c_double), ("min_var", ctypes.c_double),
-                *_pointers("log_weight", "var", "h", "lc", "shift", "sums", "alpha", "delta2", "A",
-                           "running_mean", "running_var"),
-                ("momentum", ctypes.c_double),
-                *_pointers("out", "tau", "g_weight", "g_mu", "g_var", "g_alpha", "g_delta2", "g_gamma", "g_beta"),
-                ("need_param_grads", ctypes.c_int64), *_pointers("dS", "red", "red2")]
 
 
 class Tables(NamedTuple):
@@ -107,7 +88,6 @@ class Stats(NamedTuple):
     alpha: Tensor
     delta2: Tensor
     A: Tensor
-    tau: Tensor | None = None
 
 
 class Grads(NamedTuple):
@@ -147,106 +127,84 @@ def _cpu_signature() -> str:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _extension():
+    """The compiled node (``mixture_node.cpp`` with the kernel), built by torch's
+    cpp_extension into ``$ADAMATCH_UAN_CACHE`` on first use, or None (with a warning)."""
     if os.environ.get("ADAMATCH_UAN_KERNEL", "1") == "0":
         return None
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if compiler is None:
-        warnings.warn("No C++ compiler found: the mixture layers run on the slower torch-ops backend.")
-        return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    from torch.utils import cpp_extension
+
+    text = b"".join(path.read_bytes() for path in (*_SOURCES, _HEADER))
+    key = hashlib.sha256(text + " ".join([*_FLAGS, torch.__version__, _cpu_signature()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("ADAMATCH_UAN_CACHE", Path.home() / ".cache" / "adamatch_uan"))
-    target = cache / f"mixture_kernel-{key}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                warnings.warn(f"Building the mixture kernel failed; using the torch-ops backend.\n{result.stderr[-2000:]}")
-                return None
-            os.replace(built, target)  # atomic: concurrent builders never see a partial file
-    lib = ctypes.CDLL(str(target))
-    for name in ("mix_forward", "mix_backward"):
-        getattr(lib, name).argtypes = [ctypes.c_int, ctypes.POINTER(_MixArgs), ctypes.c_int]
-    return lib
+    build = cache / f"mixture-{key}"
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(f"adamatch_uan_mixture_{key}", [str(p) for p in _SOURCES], extra_cflags=_FLAGS,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build))
+    except Exception as error:  # a missing compiler, ninja or header: any build failure falls back
+        warnings.warn(f"Building the mixture kernel failed; the mixture layers use the slower torch-ops backend.\n"
+                      f"{str(error)[-2000:]}")
+        return None
 
 
 def kernel_available() -> bool:
     """Whether the compiled CPU kernel can be used in this process."""
-    return _library() is not None
+    return _extension() is not None
 
 
 def _uses_kernel(x: Tensor, mu: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-            and mu.shape[0] <= 8 and _library() is not None)
+            and mu.shape[0] <= 8 and _extension() is not None)
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float, float] | None,
+              running: Running | None, want_stats: bool, weight_param: Tensor, mu: Tensor, var_param: Tensor,
+              gamma: Tensor, beta: Tensor, alpha: Tensor | None, delta2: Tensor | None) -> tuple[Tensor, ...]:
+    """The transform of ``x`` (N, C, P) as one autograd node, on the compiled kernel's node
+    (``mixture_node.cpp``) when it serves the input, else on torch ops.
+
+    The tables are those of :class:`Tables`, each contiguous in the dtype of x. α, δ² (K, C)
+    given, or None for batch statistics; then ``running`` averages are updated in place
+    (r ← r + momentum (batch − r), δ² corrected by S0 / max(S0 − 1, 1), BatchNorm's
+    n / (n − 1) at K = 1). Returns (y,), or with batch statistics and ``want_stats``
+    (y, S0, α, δ²), the last three (K, C) and not differentiable.
+    """
+    if _uses_kernel(x, mu):
+        w, v = floors or (0.0, 0.0)
+        mean, var, momentum = running or (None, None, 0.0)
+        return _extension().transform(x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2, mean, var,
+                                      eps, w, v, momentum, floors is not None, want_stats, TAU_CACHE_BYTES)
+    return _TorchTransform.apply(x, context, eps, floors, running, want_stats, weight_param, mu, var_param, gamma,
+                                 beta, alpha, delta2)
 
 
-def _run(name: str, x: Tensor, t: Tables, s: Stats, out: Tensor, **extra: int | float | None) -> None:
-    """Run one exported kernel call on (x, t, s) writing ``out``; ``extra`` sets the other
-    MixArgs fields (pointers as ints). Written out field by field: this runs twice per layer and step."""
-    N, C, P = x.shape
-    w, v = t.floors or (0.0, 0.0)
-    args = _MixArgs(x=x.data_ptr(), ctx=_ptr(t.ctx), N=N, C=C, P=P, K=t.mu.shape[0], G=t.weight_param.shape[0],
-                    mu=t.mu.data_ptr(), weight_param=t.weight_param.data_ptr(), var_param=t.var_param.data_ptr(),
-                    gamma=t.gamma.data_ptr(), beta=t.beta.data_ptr(), eps=t.eps,
-                    parametrised=t.floors is not None, min_weight=w, min_var=v,
-                    log_weight=s.log_weight.data_ptr(), var=s.var.data_ptr(), h=s.h.data_ptr(), lc=s.lc.data_ptr(),
-                    shift=_ptr(s.shift), sums=_ptr(s.sums), alpha=s.alpha.data_ptr(), delta2=s.delta2.data_ptr(),
-                    A=s.A.data_ptr(), tau=_ptr(s.tau), out=out.data_ptr(), **extra)
-    threads = min(torch.get_num_threads(), C) if x.numel() >= _PARALLEL_MIN_ELEMENTS else 1
-    if getattr(_library(), name)(int(x.dtype == torch.float64), ctypes.byref(args), threads):
-        raise RuntimeError(f"mixture kernel {name} failed for K = {t.mu.shape[0]}")
+class _TorchTransform(Function):
+    """The torch-ops backend's node: ``_forward_torch``, then ``_backward_torch``."""
 
+    @staticmethod
+    def forward(ctx, x, context, eps, floors, running, want_stats, weight_param, mu, var_param, gamma, beta, alpha,
+                delta2):
+        tables = Tables(context, mu, weight_param, var_param, gamma, beta, eps, floors)
+        given = None if alpha is None else (alpha, delta2)
+        y, stats = _forward_torch(x, tables, given)
+        if given is None and running is not None:
+            _track(stats, running)
+        ctx.save_for_backward(x)
+        ctx.tables, ctx.stats = tables, stats
+        if given is not None or not want_stats:
+            return (y,)
+        batch = (stats.sums[0], stats.alpha, stats.delta2)
+        ctx.mark_non_differentiable(*batch)
+        return (y, *batch)
 
-def forward(x: Tensor, t: Tables, given: tuple[Tensor, Tensor] | None = None,
-            running: Running | None = None) -> tuple[Tensor, Stats]:
-    """y = β + Σ_k tau_k A[g, k] (x − α_k), with α, δ² from the batch's sums or ``given``;
-    with batch statistics, ``running`` averages are updated in place."""
-    if not _uses_kernel(x, t.mu):
-        y, stats = _forward_torch(x, t, given)
-    else:
-        G, K, C = t.weight_param.shape
-        log_weight, var = (x.new_empty(G, K, C), x.new_empty(K, C)) if t.floors else (t.weight_param, t.var_param)
-        shift, sums = (x.new_empty(C), x.new_empty(3, K, C)) if given is None else (None, None)
-        alpha, delta2 = (x.new_empty(K, C), x.new_empty(K, C)) if given is None else given
-        cache = given is None and x.numel() * K * x.element_size() <= TAU_CACHE_BYTES
-        stats = Stats(log_weight, var, x.new_empty(K, C), x.new_empty(G, K, C), shift, sums, alpha, delta2,
-                      x.new_empty(G, K, C), x.new_empty(x.numel() * K) if cache else None)
-        y = torch.empty_like(x)
-        in_place = (given is None and running is not None
-                    and all(r.dtype == x.dtype and r.is_contiguous() for r in running[:2]))
-        mean, var_avg, momentum = running if in_place else (None, None, 0.0)
-        _run("mix_forward", x, t, stats, y, running_mean=_ptr(mean), running_var=_ptr(var_avg), momentum=momentum)
-        if in_place:
-            torch.autograd.graph.increment_version((mean, var_avg))  # written behind autograd's back
-            running = None
-    if given is None and running is not None:
-        _track(stats, running)
-    return y, stats
-
-
-def backward(gy: Tensor, x: Tensor, t: Tables, stats: Stats, need_param_grads: bool) -> tuple[Tensor, Grads]:
-    """The input gradient and every parameter gradient, following the backward derived in
-    ``mixture.py``. Without ``need_param_grads`` the kernel skips the logits' reductions,
-    and the gradients of ``weight_param``, ``mu`` and ``var_param`` are not meaningful."""
-    if not _uses_kernel(x, t.mu):
-        return _backward_torch(gy, x, t, stats, need_param_grads)
-    G, K, C = t.weight_param.shape
-    dx = torch.empty_like(x)
-    grads = Grads(x.new_empty(G, K, C), *(x.new_empty(K, C) for _ in range(2)), x.new_empty(C), x.new_empty(C),
-                  x.new_empty(K, C), x.new_empty(K, C))
-    _run("mix_backward", x, t, stats, dx, grad=gy.data_ptr(), need_param_grads=need_param_grads,
-         g_weight=grads.weight_param.data_ptr(), g_mu=grads.mu.data_ptr(), g_var=grads.var_param.data_ptr(),
-         g_alpha=grads.alpha.data_ptr(), g_delta2=grads.delta2.data_ptr(), g_gamma=grads.gamma.data_ptr(),
-         g_beta=grads.beta.data_ptr())
-    return dx, grads
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, *unused):
+        (x,) = ctx.saved_tensors
+        need = ctx.needs_input_grad[6:]
+        dx, grads = _backward_torch(gy.contiguous(), x, ctx.tables, ctx.stats, need_param_grads=any(need[:3]))
+        return dx, None, None, None, None, None, *(grad if needed else None for grad, needed in zip(grads, need))
 
 
 @torch.no_grad()

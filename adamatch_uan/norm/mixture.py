@@ -17,12 +17,23 @@ per-channel shift s (the first value of each channel), Σ τ, Σ τ(x − s), Σ
 exact in real arithmetic and avoids the cancellation of Σ τ x² for large |x|; the sums are
 what a distributed version all-reduces (with a shift common to all processes).
 
-The layer is one autograd node: two full-size passes forward (sums, output) and two
-backward (analytic, the second adding to the first's input gradient); the small (K, C)
-maths between them is differentiated by hand too, and done inside the compiled kernel's
-calls when it serves the input (one call forward, one backward; ``kernel.py``). Gradients
-flow to x, to the mixture (through τ) or to a learned mixture's parameters (UAN), and to
-γ, β; the mixture may instead be constant (MN's EM estimates).
+The layer is one autograd node (``kernel.transform``; in C++ on the compiled kernel): two
+full-size passes forward (sums, output) and two backward (analytic, the second adding to
+the first's input gradient); the small (K, C) maths between them is differentiated by hand
+too, and done inside the compiled kernel's calls when it serves the input (one call
+forward, one backward). Gradients flow to x, to the mixture (through τ) or to a learned
+mixture's parameters (UAN), and to γ, β; the mixture may instead be constant (MN's EM
+estimates).
+
+Forward, with h = 1/(2σ²), lc = log λ − ½ log(2πσ²) and sums S about the shift s:
+    α = s + S1/S0,  δ² = max(S2/S0 − (S1/S0)², 0),  A_gk = γ λ_gk^(−½) (δ_k² + ε)^(−½),
+    y = β + Σ_k τ_k A_gk (x − α_k).
+Backward: the output pass gives ∂L/∂x (direct part) and E0 = Σ g τ, E1 = Σ g τ (x − α);
+then ∂L/∂α = −Σ_g A E0, ∂L/∂A = E1, ∂L/∂δ² = −½ Σ_g E1 A / (δ² + ε), and through α, δ² to
+∂L/∂S, which the sums pass turns into the rest of ∂L/∂x and the responsibilities' part of
+∂L/∂(μ, h, lc), and on to (log λ, σ²) and, for a learned mixture, its parameters (the
+torch-ops backend differentiates that parametrisation with a local autograd call).
+The shift is a constant: ∂α/∂s = 1 − S0/S0 = 0 in exact arithmetic.
 """
 
 from __future__ import annotations
@@ -32,8 +43,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 from adamatch_uan.norm import kernel
 
@@ -78,44 +87,6 @@ class BatchStats(NamedTuple):
     var: Tensor
 
 
-class _Transform(Function):
-    """Both passes of §2 as one autograd node, with the (K, C)-sized maths between them
-    differentiated by hand, so the per-call cost stays small (the torch-ops backend alone
-    differentiates a learned mixture's parametrisation with a local autograd call).
-
-    Forward, with h = 1/(2σ²), lc = log λ − ½ log(2πσ²) and sums S about the shift s:
-        α = s + S1/S0,  δ² = max(S2/S0 − (S1/S0)², 0),  A_gk = γ λ_gk^(−½) (δ_k² + ε)^(−½),
-        y = β + Σ_k τ_k A_gk (x − α_k).
-    Backward: the output pass gives ∂L/∂x (direct part) and E0 = Σ g τ, E1 = Σ g τ (x − α);
-    then ∂L/∂α = −Σ_g A E0, ∂L/∂A = E1, ∂L/∂δ² = −½ Σ_g E1 A / (δ² + ε), and through α, δ² to
-    ∂L/∂S, which the sums pass turns into the rest of ∂L/∂x and the responsibilities' part of
-    ∂L/∂(μ, h, lc), and on to (log λ, σ²) and, for a learned mixture, its parameters.
-    The shift is a constant: ∂α/∂s = 1 − S0/S0 = 0 in exact arithmetic.
-    """
-
-    @staticmethod
-    def forward(ctx, x, context, eps, floors, running, weight_param, mean, var_param, weight, bias, alpha_in,
-                delta2_in):
-        tables = kernel.Tables(context, mean, weight_param, var_param, weight, bias, eps, floors)
-        given = None if alpha_in is None else (alpha_in, delta2_in)
-        y, stats = kernel.forward(x, tables, given, running)
-        ctx.save_for_backward(x)
-        ctx.tables, ctx.stats = tables, stats
-        if given is not None:
-            return y
-        batch = (stats.sums[0], stats.alpha, stats.delta2)
-        ctx.mark_non_differentiable(*batch)
-        return y, *batch
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, *unused):
-        (x,) = ctx.saved_tensors
-        need = ctx.needs_input_grad[5:]
-        dx, g = kernel.backward(gy.contiguous(), x, ctx.tables, ctx.stats, need_param_grads=any(need[:3]))
-        return dx, None, None, None, None, *(grad if needed else None for grad, needed in zip(g, need))
-
-
 def _validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
     if context is None:
         return None
@@ -130,7 +101,8 @@ def _validate_context(context: Tensor | None, n: int, groups: int, device: torch
 
 def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tensor | None, bias: Tensor | None,
                       eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
-                      running: kernel.Running | None = None) -> tuple[Tensor, BatchStats | None]:
+                      running: kernel.Running | None = None,
+                      batch_stats: bool = True) -> tuple[Tensor, BatchStats | None]:
     """Apply the mixture normalizing transform of ALGORITHMS.md §2.
 
     Statistics and the output are computed in float32 (float64 stays float64) with autocast
@@ -147,10 +119,11 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
         stats: (α, δ²), each (K, C), to use instead of batch statistics (evaluation).
         running: (running α, running δ², momentum): with batch statistics, updated in place
             as r ← r + momentum (batch − r), δ² corrected by Σ τ / (Σ τ − 1).
+        batch_stats: return the batch statistics (False skips making them for the caller).
 
     Returns:
         The normalized tensor (shape and dtype of x) and the batch statistics (None when
-        ``stats`` was given).
+        ``stats`` was given or ``batch_stats`` is False).
     """
     if x.dim() < 2:
         raise ValueError(f"Expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
@@ -169,6 +142,6 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
         # The kernel reads raw pointers: every table contiguous in the compute dtype.
         tensors = [t if t is None or (t.dtype == compute and t.is_contiguous()) else t.to(compute).contiguous()
                    for t in (*mixture[:3], gamma, beta, *given)]
-        out = _Transform.apply(x3, context, eps, floors, running, *tensors)
-    y, batch = (out, None) if stats is not None else (out[0], BatchStats(*out[1:]))
-    return y.reshape(x.shape).to(x.dtype), batch
+        out = kernel.transform(x3, context, eps, floors, running, batch_stats, *tensors)
+    batch = BatchStats(*out[1:]) if len(out) > 1 else None
+    return out[0].reshape(x.shape).to(x.dtype), batch

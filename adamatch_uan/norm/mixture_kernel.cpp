@@ -26,11 +26,15 @@
 // pass's backward (the rest of the input gradient), every parameter gradient, the chain
 // through the parametrisation). The (K, C)-sized maths lives here too, so the Python side
 // issues no small torch ops around the calls.
+#include "mixture_kernel.h"
+
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // gcc's inliner gives up on some K in these deep loops; a call in the SIMD loop makes it
@@ -43,85 +47,200 @@
 
 namespace {
 
-struct MixArgs {
-  const void* x;             // (N, C, P) input
-  const int64_t* ctx;        // (N,) group ids, or null for group 0
-  const void* grad;          // (N, C, P) upstream gradient (backward)
-  int64_t N, C, P, K, G;
-  const void* mu;            // (K, C)
-  const void* weight_param;  // (G, K, C) prior logits p (parametrised), else unused
-  const void* var_param;     // (K, C) softplus pre-activation r (parametrised), else unused
-  const void* gamma;         // (C,)
-  const void* beta;          // (C,)
-  double eps;
-  int64_t parametrised;      // lambda = w + (1 - K w) softmax_k(p), sigma^2 = softplus(r) + min_var
-  double min_weight, min_var;
-  void* log_weight;          // (G, K, C) log lambda: written by mix_forward when parametrised, else given
-  void* var;                 // (K, C) sigma^2: written by mix_forward when parametrised, else given
-  void* h;                   // (K, C) 1 / (2 sigma^2): written by mix_forward
-  void* lc;                  // (G, K, C) log lambda - 0.5 log(2 pi sigma^2): written by mix_forward
-  void* shift;               // (C,) shift of the sums: written by mix_forward
-  void* sums;                // (3, K, C) batch sums: written by mix_forward; null with given statistics
-  void* alpha;               // (K, C) alpha_k: written from the sums, or given
-  void* delta2;              // (K, C) delta_k^2: written from the sums, or given
-  void* A;                   // (G, K, C) output scales: written by mix_forward
-  void* running_mean;        // (K, C) running alpha, updated in place by mix_forward; or null
-  void* running_var;         // (K, C) running delta^2 (corrected by S0 / (S0 - 1)); or null
-  double momentum;
-  void* out;                 // (N, C, P) output (forward) or input gradient (backward)
-  void* tau;                 // responsibilities cached by mix_forward's stats pass for the other passes; or null
-  // Gradients written by mix_backward: w.r.t. weight_param (or log lambda), mu, var_param
-  // (or sigma^2), given alpha and delta^2, gamma, beta.
-  void *g_weight, *g_mu, *g_var, *g_alpha, *g_delta2, *g_gamma, *g_beta;
-  int64_t need_param_grads;
-  // Scratch of mix_backward, set by the call itself.
-  void* dS;                  // (3, K, C) gradient of the sums
-  void* red;                 // (5, G, K, C) reductions of the output backward
-  void* red2;                // (3, G, K, C) reductions of the stats backward
-};
-
 template <typename T>
 constexpr int kLanes = 64 / sizeof(T);
 // Rows summed in lanes before a flush to double: bounds float accumulation error.
 constexpr int kFlushRows = 8;
-// The largest K the calls serve (run_k's cases).
-constexpr int kMaxK = 8;
 
-// exp for arguments <= 0 (logits minus their max). Cephes-style polynomial that gcc
-// vectorizes; relative error ~1e-7, below float32 resolution of the softmax.
-MIX_INLINE float vexp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float z = r * r;
-  float y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-              4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+// ---- Value types. The per-element maths below runs on scalars T (the spatial layout,
+// which gcc vectorizes along positions with omp simd) and on Vec<T>, gcc's explicit
+// vector of one cache line (the flat layout, whose reductions must stay in registers
+// across rows, which omp simd loops cannot express). Elem<V> is V's scalar type. ----
+
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename V>
+struct ElemOf {
+  using type = V;
+};
+template <>
+struct ElemOf<Vec<float>> {
+  using type = float;
+};
+template <>
+struct ElemOf<Vec<double>> {
+  using type = double;
+};
+template <typename V>
+using Elem = typename ElemOf<V>::type;
+
+template <typename V>
+constexpr bool kIsVec = sizeof(V) == 64;
+
+// static_cast for scalars; a vector static_cast would reinterpret the bits instead.
+template <typename To, typename From>
+MIX_INLINE To convert(From v) {
+  if constexpr (kIsVec<From>) {
+    return __builtin_convertvector(v, To);
+  } else {
+    return static_cast<To>(v);
+  }
+}
+
+template <typename V>
+MIX_INLINE V load(const Elem<V>* p) {
+  if constexpr (!kIsVec<V>) {
+    return *p;
+  } else {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+}
+
+template <typename V>
+MIX_INLINE void store(Elem<V>* p, V v) {
+  if constexpr (!kIsVec<V>) {
+    *p = v;
+  } else {
+    std::memcpy(p, &v, sizeof(V));
+  }
+}
+
+// Lane j of v (v itself for a scalar).
+template <typename V>
+MIX_INLINE Elem<V> lane(V v, int j) {
+  if constexpr (!kIsVec<V>) {
+    return v;
+  } else {
+    return v[j];
+  }
+}
+
+// exp for arguments <= 0 (logits minus their max). Cephes-style polynomial, relative
+// error ~1e-7, below float32 resolution of the softmax; written once for float and
+// Vec<float> (whose floor is a truncation corrected downwards).
+template <typename V, typename I>
+MIX_INLINE V exp_nonpositive(V x) {
+  const V lo = V{} - 87.0f;
+  x = x < lo ? lo : x;
+  const V t = x * 1.44269504088896341f + 0.5f;
+  V fx;
+  if constexpr (kIsVec<V>) {
+    fx = convert<V>(convert<I>(t));
+    fx = fx > t ? fx - 1.0f : fx;
+  } else {
+    fx = std::floor(t);  // as a select, the above stops gcc vectorizing the scalar loops
+  }
+  const V r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const V z = r * r;
+  V y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
+  const I bits = (convert<I>(fx) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(V));
   return y * scale;
 }
-MIX_INLINE double vexp(double x) { return std::exp(x); }
+template <typename V>
+MIX_INLINE V vexp(V x) {
+  if constexpr (std::is_same_v<V, float>) {
+    return exp_nonpositive<float, int32_t>(x);
+  } else if constexpr (std::is_same_v<V, Vec<float>>) {
+    return exp_nonpositive<Vec<float>, Vec<int32_t>>(x);
+  } else if constexpr (std::is_same_v<V, double>) {
+    return std::exp(x);
+  } else {
+    for (int j = 0; j < kLanes<double>; ++j) x[j] = std::exp(x[j]);
+    return x;
+  }
+}
 
-template <typename T, int K, typename Tab>
-MIX_INLINE void responsibilities(T xv, const Tab& m, const Tab& hh, const Tab& l0, T* t) {
-  T l[K];
-  T mx = l0[0] - hh[0] * (xv - m[0]) * (xv - m[0]);
+// log for positive normal x. Cephes logf: x = 2^e m with m in [sqrt(1/2), sqrt(2)),
+// log x = e ln 2 + log m, log m a polynomial in m - 1; relative error ~1e-7.
+template <typename V, typename I>
+MIX_INLINE V log_positive(V x) {
+  I bits;
+  std::memcpy(&bits, &x, sizeof(V));
+  const I mantissa = (bits & 0x007fffff) | 0x3f000000;  // m in [0.5, 1)
+  V m, e = convert<V>(((bits >> 23) & 0xff) - 126);
+  std::memcpy(&m, &mantissa, sizeof(V));
+  const auto low = m < 0.70710678118654752f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const V z = m * m;
+  V y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+              1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+        3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * e - 0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+template <typename V>
+MIX_INLINE V vlog(V x) {
+  if constexpr (std::is_same_v<V, float>) {
+    return log_positive<float, int32_t>(x);
+  } else if constexpr (std::is_same_v<V, Vec<float>>) {
+    return log_positive<Vec<float>, Vec<int32_t>>(x);
+  } else if constexpr (std::is_same_v<V, double>) {
+    return std::log(x);
+  } else {
+    for (int j = 0; j < kLanes<double>; ++j) x[j] = std::log(x[j]);
+    return x;
+  }
+}
+
+// log(1 + u) for u in [0, 1]. In float: the log of the rounded v = 1 + u, corrected by
+// the rounding error u - (v - 1) (exact, as v is in [1, 2]); the barrier keeps
+// -fassociative-math from folding v - 1 into u.
+template <typename V>
+MIX_INLINE V vlog1p(V u) {
+  if constexpr (std::is_same_v<Elem<V>, double>) {
+    if constexpr (kIsVec<V>) {
+      for (int j = 0; j < kLanes<double>; ++j) u[j] = std::log1p(u[j]);
+      return u;
+    } else {
+      return std::log1p(u);
+    }
+  } else {
+    V v = u + 1.0f;
+    __asm__("" : "+m"(v));
+    return vlog(v) + (u - (v - 1.0f)) / v;
+  }
+}
+
+template <typename V>
+MIX_INLINE V vsqrt(V x) {
+  if constexpr (kIsVec<V>) {
+    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) x[j] = std::sqrt(x[j]);
+    return x;
+  } else {
+    return std::sqrt(x);
+  }
+}
+
+template <typename V, int K, typename Tab>
+MIX_INLINE void responsibilities(V xv, const Tab& m, const Tab& hh, const Tab& l0, V* t) {
+  V l[K];
+  V mx = l0[0] - hh[0] * (xv - m[0]) * (xv - m[0]);
   l[0] = mx;
   MIX_UNROLL
   for (int k = 1; k < K; ++k) {
-    T d = xv - m[k];
+    V d = xv - m[k];
     l[k] = l0[k] - hh[k] * d * d;
     mx = l[k] > mx ? l[k] : mx;
   }
-  T s = 0;
+  V s{};
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
     t[k] = vexp(l[k] - mx);
     s += t[k];
   }
-  T inv = T(1) / s;
+  V inv = Elem<V>(1) / s;
   MIX_UNROLL
   for (int k = 0; k < K; ++k) t[k] *= inv;
 }
@@ -136,17 +255,17 @@ template <typename T, int K, int Mode>
 struct TauRow {
   T* cache;
   int64_t stride;
-  template <typename Tab>
-  MIX_INLINE void get(T xv, const Tab& m, const Tab& hh, const Tab& l0, int64_t i, T* t) const {
+  template <typename V, typename Tab>
+  MIX_INLINE void get(V xv, const Tab& m, const Tab& hh, const Tab& l0, int64_t i, V* t) const {
     if (Mode == kLoad) {
       MIX_UNROLL
-      for (int k = 0; k < K; ++k) t[k] = cache[k * stride + i];
+      for (int k = 0; k < K; ++k) t[k] = load<V>(cache + k * stride + i);
       return;
     }
-    responsibilities<T, K, Tab>(xv, m, hh, l0, t);
+    responsibilities<V, K, Tab>(xv, m, hh, l0, t);
     if (Mode == kStore) {
       MIX_UNROLL
-      for (int k = 0; k < K; ++k) cache[k * stride + i] = t[k];
+      for (int k = 0; k < K; ++k) store<V>(cache + k * stride + i, t[k]);
     }
   }
 };
@@ -161,14 +280,15 @@ MIX_INLINE TauRow<T, K, Mode> tau_row(const MixArgs& a, int64_t n, int64_t c) {
   return {base + (n * a.C + c) * K * a.P, a.P};
 }
 
-// ---- Per-element maths, shared by both layouts; add(r, k, v) accumulates reduction r. ----
+// ---- Per-element maths, shared by both layouts, on a value type V (one element, or one
+// per lane); add(r, k, v) accumulates reduction r. ----
 
 // Stats: tau_k * {1, xt, xt^2}, xt = x - shift.
-template <typename T, int K, typename Tab, typename Tau, typename Add>
-MIX_INLINE void stats_element(const Tau& tau, int64_t i, T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, Add&& add) {
-  T t[K];
+template <typename V, int K, typename Tab, typename Tau, typename Add>
+MIX_INLINE void stats_element(const Tau& tau, int64_t i, V xv, const Tab& m, const Tab& hh, const Tab& l0, V sh, Add&& add) {
+  V t[K];
   tau.get(xv, m, hh, l0, i, t);
-  const T xt = xv - sh;
+  const V xt = xv - sh;
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
     add(0, k, t[k]);
@@ -178,11 +298,11 @@ MIX_INLINE void stats_element(const Tau& tau, int64_t i, T xv, const Tab& m, con
 }
 
 // Output: y = beta + sum_k tau_k * A[g,k] * (x - alpha_k).
-template <typename T, int K, typename Tab, typename Tau>
-MIX_INLINE T apply_element(const Tau& tau, int64_t i, T xv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag, const Tab& al, T b) {
-  T t[K];
+template <typename V, int K, typename Tab, typename Tau>
+MIX_INLINE V apply_element(const Tau& tau, int64_t i, V xv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag, const Tab& al, V b) {
+  V t[K];
   tau.get(xv, m, hh, l0, i, t);
-  T s = b;
+  V s = b;
   MIX_UNROLL
   for (int k = 0; k < K; ++k) s += t[k] * Ag[k] * (xv - al[k]);
   return s;
@@ -190,24 +310,24 @@ MIX_INLINE T apply_element(const Tau& tau, int64_t i, T xv, const Tab& m, const 
 
 // Backward of apply: returns d loss / dx and accumulates E0 = g tau, E1 = g tau (x - alpha)
 // and, with Params, L0 = dl, R1 = dl (x - mu), R2 = dl (x - mu)^2, dl = d loss / d logit.
-template <typename T, int K, bool Params, typename Tab, typename Tau, typename Add>
-MIX_INLINE T apply_backward_element(const Tau& tau, int64_t i, T xv, T gv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag,
+template <typename V, int K, bool Params, typename Tab, typename Tau, typename Add>
+MIX_INLINE V apply_backward_element(const Tau& tau, int64_t i, V xv, V gv, const Tab& m, const Tab& hh, const Tab& l0, const Tab& Ag,
                                     const Tab& al, Add&& add) {
-  T t[K], u[K];
+  V t[K], u[K];
   tau.get(xv, m, hh, l0, i, t);
-  T yhat = 0, direct = 0;
+  V yhat{}, direct{};
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
     u[k] = Ag[k] * (xv - al[k]);
     yhat += t[k] * u[k];
     direct += t[k] * Ag[k];
   }
-  T through_logits = 0;
+  V through_logits{};
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
-    const T gt = gv * t[k];
-    const T dl = gt * (u[k] - yhat);
-    const T d = xv - m[k];
+    const V gt = gv * t[k];
+    const V dl = gt * (u[k] - yhat);
+    const V d = xv - m[k];
     add(0, k, gt);
     add(1, k, gt * (xv - al[k]));
     if (Params) {
@@ -217,29 +337,29 @@ MIX_INLINE T apply_backward_element(const Tau& tau, int64_t i, T xv, T gv, const
     }
     through_logits += dl * hh[k] * d;
   }
-  return gv * direct - T(2) * through_logits;
+  return gv * direct - Elem<V>(2) * through_logits;
 }
 
 // Backward of stats given dS: returns the part of d loss / dx and, with Params,
 // accumulates L0, R1, R2 as above.
-template <typename T, int K, bool Params, typename Tab, typename Tau, typename Add>
-MIX_INLINE T stats_backward_element(const Tau& tau, int64_t i, T xv, const Tab& m, const Tab& hh, const Tab& l0, T sh, const Tab& d0,
+template <typename V, int K, bool Params, typename Tab, typename Tau, typename Add>
+MIX_INLINE V stats_backward_element(const Tau& tau, int64_t i, V xv, const Tab& m, const Tab& hh, const Tab& l0, V sh, const Tab& d0,
                                     const Tab& d1, const Tab& d2, Add&& add) {
-  T t[K], e[K];
+  V t[K], e[K];
   tau.get(xv, m, hh, l0, i, t);
-  const T xt = xv - sh;
-  T ebar = 0, direct = 0;
+  const V xt = xv - sh;
+  V ebar{}, direct{};
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
     e[k] = d0[k] + (d1[k] + d2[k] * xt) * xt;
     ebar += t[k] * e[k];
-    direct += t[k] * (d1[k] + T(2) * d2[k] * xt);
+    direct += t[k] * (d1[k] + Elem<V>(2) * d2[k] * xt);
   }
-  T through_logits = 0;
+  V through_logits{};
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
-    const T dl = t[k] * (e[k] - ebar);
-    const T d = xv - m[k];
+    const V dl = t[k] * (e[k] - ebar);
+    const V d = xv - m[k];
     if (Params) {
       add(0, k, dl);
       add(1, k, dl * d);
@@ -247,9 +367,8 @@ MIX_INLINE T stats_backward_element(const Tau& tau, int64_t i, T xv, const Tab& 
     }
     through_logits += dl * hh[k] * d;
   }
-  return direct - T(2) * through_logits;
+  return direct - Elem<V>(2) * through_logits;
 }
-
 // ---- Spatial layout (P > 1): SIMD along the positions of one (sample, channel) row. ----
 
 // Rows of one channel are C*P elements apart, so each short row starts on a cold page
@@ -464,211 +583,217 @@ MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
-// ---- Flat layout (P == 1, x is (N, C)): SIMD along the channels of one sample. ----
-// Each lane is its own channel, so the per-channel tables are loaded as vectors and the
-// reductions are accumulated per channel directly; no transpose, and contexts are per row.
+// ---- Flat layout (P == 1, x is (N, C)): channels in blocks of one vector (the last few
+// channels of a thread's range one at a time), each block running down the rows with its
+// channels' tables and reductions in registers. Rows are visited group by group, in
+// chunks of kFlushRows * kLanes, after each of which the float reductions are added into
+// double totals; no transpose. ----
 
-// Float accumulators per (R, G, K, channel of [c0, c1)), flushed into double totals.
-template <typename T, int R, int K>
-struct ChannelSums {
-  int64_t G, width;
-  std::vector<T> v;
-  std::vector<double> total;
-  int rows = 0;
-  ChannelSums(int64_t groups, int64_t c0, int64_t c1)
-      : G(groups), width(c1 - c0), v(R * groups * K * (c1 - c0)), total(v.size()) {}
-  // Accumulator of (r, k, channel c) for group g is at(g)[r * rstride() + k * width + c]:
-  // a plain local pointer hoisted out of the SIMD loop.
-  T* at(int64_t g, int64_t c0) { return v.data() + g * K * width - c0; }
-  int64_t rstride() const { return G * K * width; }
-  void row() {
-    if (++rows == kFlushRows * kLanes<T>) flush();
+// Rows grouped by context: group g's rows are row(start[g]) .. row(start[g + 1] - 1), in
+// order (without contexts every row is in group 0).
+struct RowOrder {
+  std::vector<int64_t> rows, start;
+  explicit RowOrder(const MixArgs& a) : rows(a.ctx ? a.N : 0), start(a.G + 1, a.N) {
+    start[0] = 0;
+    if (!a.ctx) return;
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t n = 0; n < a.N; ++n) ++start[a.ctx[n] + 1];
+    for (int64_t g = 0; g < a.G; ++g) start[g + 1] += start[g];
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t n = 0; n < a.N; ++n) rows[next[a.ctx[n]]++] = n;
   }
-  void flush() {
-    for (size_t i = 0; i < v.size(); ++i) total[i] += v[i];
-    std::fill(v.begin(), v.end(), T(0));
-    rows = 0;
+  MIX_INLINE int64_t row(int64_t i) const { return rows.empty() ? i : rows[i]; }
+};
+
+// Double totals of R reductions per (group, component, channel of [c0, c1)).
+template <int R, int K>
+struct FlatTotals {
+  int64_t G, c0, width;
+  std::vector<double> v;
+  FlatTotals(int64_t groups, int64_t first, int64_t last)
+      : G(groups), c0(first), width(last - first), v(R * groups * K * (last - first)) {}
+  // Adds acc[r * K + k] (the lanes of channels c, c + 1, ...) to group g's totals.
+  template <typename V>
+  MIX_INLINE void add(const std::array<V, R * K>& acc, int64_t g, int64_t c) {
+    constexpr int kWidth = sizeof(V) / sizeof(Elem<V>);
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < K; ++k) {
+        double* t = v.data() + ((r * G + g) * K + k) * width + (c - c0);
+        for (int j = 0; j < kWidth; ++j) t[j] += lane(acc[r * K + k], j);
+      }
   }
-  // Writes the totals into red laid out (R, G, K, C), channels [c0, c0 + width).
-  void store(void* red, int64_t c0, int64_t C) {
-    flush();
+  // Writes the totals into red laid out (R, G, K, C).
+  template <typename T>
+  void store(void* red, int64_t C) const {
     T* out = static_cast<T*>(red);
     for (int64_t rgk = 0; rgk < R * G * K; ++rgk)
-      for (int64_t i = 0; i < width; ++i) out[rgk * C + c0 + i] = static_cast<T>(total[rgk * width + i]);
+      for (int64_t i = 0; i < width; ++i) out[rgk * C + c0 + i] = static_cast<T>(v[rgk * width + i]);
   }
 };
 
-// Row r of a table laid out (R, K, C), as a typed pointer hoisted out of the SIMD loop
-// (a load through MixArgs' void pointers inside it stops vectorization).
-template <typename T>
-MIX_INLINE const T* __restrict__ table_row(const void* t, int64_t r, int64_t K, int64_t C) {
-  return static_cast<const T*>(t) + r * K * C;
+// Runs Pass::block<V>(a, c, g, order, i0, i1), which returns the reductions (R x K) of
+// channels [c, c + lanes of V) over rows order.row(i), i in [i0, i1), all of group g, for
+// every channel block and row chunk of [c0, c1), and writes their totals into red laid
+// out (R, G, K, C) (PerGroup) or (R, 1, K, C).
+template <typename T, int R, int K, bool PerGroup, typename Pass>
+MIX_INLINE void flat_pass(const MixArgs& a, int64_t c0, int64_t c1, void* red) {
+  constexpr int W = kLanes<T>;
+  constexpr int64_t kChunk = kFlushRows * W;
+  const RowOrder order(a);
+  FlatTotals<R, K> totals(PerGroup ? a.G : 1, c0, c1);
+  for (int64_t g = 0; g < a.G; ++g)
+    for (int64_t i0 = order.start[g]; i0 < order.start[g + 1]; i0 += kChunk) {
+      const int64_t i1 = std::min(i0 + kChunk, order.start[g + 1]);
+      const int64_t slot = PerGroup ? g : 0;
+      int64_t c = c0;
+      for (; c + W <= c1; c += W) totals.add(Pass::template block<Vec<T>>(a, c, g, order, i0, i1), slot, c);
+      for (; c < c1; ++c) totals.add(Pass::template block<T>(a, c, g, order, i0, i1), slot, c);
+    }
+  if (R > 0) totals.template store<T>(red, a.C);
 }
 
-// Entry [k] is t[k, c] of a (K, C) table row: read where used, so each lane loads its own
-// channel's value as part of one vector load.
-template <typename T>
-struct Column {
-  const T* __restrict__ t;
-  int64_t C, c;
-  MIX_INLINE T operator[](int k) const { return t[k * C + c]; }
+// Row r of a table laid out (R, K, C), for the channels of one block.
+template <typename V, int K>
+MIX_INLINE void load_table(const void* t, int64_t r, int64_t C, int64_t c, V* dst) {
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) dst[k] = load<V>(static_cast<const Elem<V>*>(t) + (r * K + k) * C + c);
+}
+
+template <typename V, int K>
+using Reductions = std::array<V, K>;
+
+template <typename T, int K, int Mode>
+struct StatsFlat {
+  template <typename V>
+  static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
+    V m[K], hh[K], l0[K];
+    load_table<V, K>(a.mu, 0, a.C, c, m);
+    load_table<V, K>(a.h, 0, a.C, c, hh);
+    load_table<V, K>(a.lc, g, a.C, c, l0);
+    const V sh = load<V>(static_cast<const T*>(a.shift) + c);
+    Reductions<V, 3 * K> acc{};
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = o.row(i);
+      const V xv = load<V>(static_cast<const T*>(a.x) + n * a.C + c);
+      stats_element<V, K, const V*>(tau_row<T, K, Mode>(a, n, 0), c, xv, m, hh, l0, sh,
+                                    [&](int r, int k, V v) { acc[r * K + k] += v; });
+    }
+    return acc;
+  }
 };
 
 template <typename T, int K, int Mode>
+struct ApplyFlat {
+  template <typename V>
+  static MIX_INLINE Reductions<V, 0> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
+    V m[K], hh[K], l0[K], Ag[K], al[K];
+    load_table<V, K>(a.mu, 0, a.C, c, m);
+    load_table<V, K>(a.h, 0, a.C, c, hh);
+    load_table<V, K>(a.lc, g, a.C, c, l0);
+    load_table<V, K>(a.A, g, a.C, c, Ag);
+    load_table<V, K>(a.alpha, 0, a.C, c, al);
+    const V b = load<V>(static_cast<const T*>(a.beta) + c);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = o.row(i);
+      const V xv = load<V>(static_cast<const T*>(a.x) + n * a.C + c);
+      store<V>(static_cast<T*>(a.out) + n * a.C + c,
+               apply_element<V, K, const V*>(tau_row<T, K, Mode>(a, n, 0), c, xv, m, hh, l0, Ag, al, b));
+    }
+    return {};
+  }
+};
+
+template <typename T, int K, bool Params, int Mode>
+struct ApplyBackwardFlat {
+  template <typename V>
+  static MIX_INLINE Reductions<V, 5 * K> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
+    V m[K], hh[K], l0[K], Ag[K], al[K];
+    load_table<V, K>(a.mu, 0, a.C, c, m);
+    load_table<V, K>(a.h, 0, a.C, c, hh);
+    load_table<V, K>(a.lc, g, a.C, c, l0);
+    load_table<V, K>(a.A, g, a.C, c, Ag);
+    load_table<V, K>(a.alpha, 0, a.C, c, al);
+    Reductions<V, 5 * K> acc{};
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = o.row(i), at = n * a.C + c;
+      const V xv = load<V>(static_cast<const T*>(a.x) + at);
+      const V gv = load<V>(static_cast<const T*>(a.grad) + at);
+      store<V>(static_cast<T*>(a.out) + at,
+               apply_backward_element<V, K, Params, const V*>(tau_row<T, K, Mode>(a, n, 0), c, xv, gv, m, hh, l0, Ag, al,
+                                                              [&](int r, int k, V v) { acc[r * K + k] += v; }));
+    }
+    return acc;
+  }
+};
+
+template <typename T, int K, bool Params, int Mode>
+struct StatsBackwardFlat {
+  template <typename V>
+  static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
+    V m[K], hh[K], l0[K], d0[K], d1[K], d2[K];
+    load_table<V, K>(a.mu, 0, a.C, c, m);
+    load_table<V, K>(a.h, 0, a.C, c, hh);
+    load_table<V, K>(a.lc, g, a.C, c, l0);
+    load_table<V, K>(a.dS, 0, a.C, c, d0);
+    load_table<V, K>(a.dS, 1, a.C, c, d1);
+    load_table<V, K>(a.dS, 2, a.C, c, d2);
+    const V sh = load<V>(static_cast<const T*>(a.shift) + c);
+    Reductions<V, 3 * K> acc{};
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = o.row(i), at = n * a.C + c;
+      const V xv = load<V>(static_cast<const T*>(a.x) + at);
+      T* dx = static_cast<T*>(a.out) + at;
+      store<V>(dx, load<V>(dx) + stats_backward_element<V, K, Params, const V*>(
+                                     tau_row<T, K, Mode>(a, n, 0), c, xv, m, hh, l0, sh, d0, d1, d2,
+                                     [&](int r, int k, V v) { acc[r * K + k] += v; }));
+    }
+    return acc;
+  }
+};
+
+// red (3, 1, K, C) = sums of tau_k * {1, xt, xt^2} over all rows, xt = x - shift[c].
+template <typename T, int K, int Mode>
 MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
-  const int64_t C = a.C;
-  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
-  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
-  ChannelSums<T, 3, K> acc(1, c0, c1);
   T* sh = static_cast<T*>(a.shift);
   for (int64_t c = c0; c < c1; ++c) sh[c] = static_cast<const T*>(a.x)[c];
-  for (int64_t n = 0; n < a.N; ++n) {
-    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
-    const auto tau = tau_row<T, K, Mode>(a, n, 0);
-    const int64_t g = row_group(a, n);
-    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
-    T* __restrict__ s = acc.at(0, c0);
-    const int64_t w = acc.width, rs = acc.rstride();
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      const Column<T> m{mu, C, c};
-      const Column<T> hh{h, C, c};
-      const Column<T> l0{lc_g, C, c};
-      stats_element<T, K, Column<T>>(tau, c, xr[c], m, hh, l0, sh[c], [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
-    }
-    acc.row();
-  }
-  acc.store(a.sums, c0, a.C);
+  flat_pass<T, 3, K, false, StatsFlat<T, K, Mode>>(a, c0, c1, a.sums);
 }
 
 template <typename T, int K, int Mode>
 MIX_PASS void apply_flat(const MixArgs& a, int64_t c0, int64_t c1) {
-  const int64_t C = a.C;
-  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
-  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
-  const T* __restrict__ alpha = table_row<T>(a.alpha, 0, K, C);
-  const T* beta = static_cast<const T*>(a.beta);
-  for (int64_t n = 0; n < a.N; ++n) {
-    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
-    const auto tau = tau_row<T, K, Mode>(a, n, 0);
-    T* __restrict__ yr = static_cast<T*>(a.out) + n * C;
-    const int64_t g = row_group(a, n);
-    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
-    const T* __restrict__ A_g = table_row<T>(a.A, g, K, C);
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      const Column<T> m{mu, C, c};
-      const Column<T> hh{h, C, c};
-      const Column<T> l0{lc_g, C, c};
-      const Column<T> Ag{A_g, C, c};
-      const Column<T> al{alpha, C, c};
-      yr[c] = apply_element<T, K, Column<T>>(tau, c, xr[c], m, hh, l0, Ag, al, beta[c]);
-    }
-  }
+  flat_pass<T, 0, K, false, ApplyFlat<T, K, Mode>>(a, c0, c1, nullptr);
 }
 
+// Reductions as apply_backward's, into red (5, G, K, C).
 template <typename T, int K, bool Params, int Mode>
 MIX_PASS void apply_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
-  const int64_t C = a.C;
-  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
-  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
-  const T* __restrict__ alpha = table_row<T>(a.alpha, 0, K, C);
-  ChannelSums<T, 5, K> acc(a.G, c0, c1);
-  for (int64_t n = 0; n < a.N; ++n) {
-    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
-    const auto tau = tau_row<T, K, Mode>(a, n, 0);
-    const T* __restrict__ gr = static_cast<const T*>(a.grad) + n * C;
-    T* __restrict__ dxr = static_cast<T*>(a.out) + n * C;
-    const int64_t g = row_group(a, n);
-    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
-    const T* __restrict__ A_g = table_row<T>(a.A, g, K, C);
-    T* __restrict__ s = acc.at(g, c0);
-    const int64_t w = acc.width, rs = acc.rstride();
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      const Column<T> m{mu, C, c};
-      const Column<T> hh{h, C, c};
-      const Column<T> l0{lc_g, C, c};
-      const Column<T> Ag{A_g, C, c};
-      const Column<T> al{alpha, C, c};
-      dxr[c] = apply_backward_element<T, K, Params, Column<T>>(tau, c, xr[c], gr[c], m, hh, l0, Ag, al, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
-    }
-    acc.row();
-  }
-  acc.store(a.red, c0, a.C);
+  flat_pass<T, 5, K, true, ApplyBackwardFlat<T, K, Params, Mode>>(a, c0, c1, a.red);
 }
 
+// Adds to `out` as stats_backward does; reductions into red2 (3, G, K, C).
 template <typename T, int K, bool Params, int Mode>
 MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
-  const int64_t C = a.C;
-  const T* __restrict__ mu = table_row<T>(a.mu, 0, K, C);
-  const T* __restrict__ h = table_row<T>(a.h, 0, K, C);
-  const T* __restrict__ dS = table_row<T>(a.dS, 0, K, C);
-  const T* __restrict__ dS_1 = table_row<T>(a.dS, 1, K, C);
-  const T* __restrict__ dS_2 = table_row<T>(a.dS, 2, K, C);
-  ChannelSums<T, 3, K> acc(a.G, c0, c1);
-  const T* sh = static_cast<const T*>(a.shift);
-  for (int64_t n = 0; n < a.N; ++n) {
-    const T* __restrict__ xr = static_cast<const T*>(a.x) + n * C;
-    const auto tau = tau_row<T, K, Mode>(a, n, 0);
-    T* __restrict__ dxr = static_cast<T*>(a.out) + n * C;
-    const int64_t g = row_group(a, n);
-    const T* __restrict__ lc_g = table_row<T>(a.lc, g, K, C);
-    T* __restrict__ s = acc.at(g, c0);
-    const int64_t w = acc.width, rs = acc.rstride();
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      const Column<T> m{mu, C, c};
-      const Column<T> hh{h, C, c};
-      const Column<T> l0{lc_g, C, c};
-      const Column<T> d0{dS, C, c};
-      const Column<T> d1{dS_1, C, c};
-      const Column<T> d2{dS_2, C, c};
-      dxr[c] += stats_backward_element<T, K, Params, Column<T>>(tau, c, xr[c], m, hh, l0, sh[c], d0, d1, d2, [=](int r, int k, T value) { s[r * rs + k * w + c] += value; });
-    }
-    acc.row();
-  }
-  acc.store(a.red2, c0, a.C);
+  flat_pass<T, 3, K, true, StatsBackwardFlat<T, K, Params, Mode>>(a, c0, c1, a.red2);
 }
-
 // ---- The (K, C)-sized maths between the passes (ALGORITHMS.md section 2 and the backward
 // derived in mixture.py), per channel, so a call needs no small torch ops around it. ----
 
-// Moments of component entry i from the sums S (3, K, C): S0 floored at sqrt(tiny) (an
-// empty component gets alpha = shift, delta^2 = 0), S1 / S0 and S2 / S0.
-template <typename T>
+// Moments of the components at entry i of the sums S (3, K, C), for the channels of V:
+// S0 floored at sqrt(tiny) (an empty component gets alpha = shift, delta^2 = 0), S1 / S0
+// and S2 / S0.
+template <typename V>
 struct Moments {
-  T safe, m1, m2;
+  V safe, m1, m2;
   Moments(const void* sums, int64_t i, int64_t KC) {
-    const T* S = static_cast<const T*>(sums);
-    safe = std::max(S[i], std::sqrt(std::numeric_limits<T>::min()));
-    m1 = S[KC + i] / safe;
-    m2 = S[2 * KC + i] / safe;
+    using T = Elem<V>;
+    const T* S = static_cast<const T*>(sums) + i;
+    const T tiny = std::sqrt(std::numeric_limits<T>::min());
+    const V count = load<V>(S);
+    safe = count > tiny ? count : V{} + tiny;
+    m1 = load<V>(S + KC) / safe;
+    m2 = load<V>(S + 2 * KC) / safe;
   }
 };
-
-// alpha, delta^2 from the sums (unless given), then A[g,k] = gamma lambda_gk^(-1/2) (delta_k^2 + eps)^(-1/2).
-template <typename T>
-void output_tables(const MixArgs& a, int64_t c0, int64_t c1) {
-  const int64_t K = a.K, C = a.C, G = a.G;
-  T* alpha = static_cast<T*>(a.alpha);
-  T* delta2 = static_cast<T*>(a.delta2);
-  for (int64_t c = c0; c < c1; ++c)
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t i = k * C + c;
-      if (a.sums) {
-        const Moments<T> s(a.sums, i, K * C);
-        alpha[i] = static_cast<const T*>(a.shift)[c] + s.m1;
-        delta2[i] = std::max(s.m2 - s.m1 * s.m1, T(0));
-      }
-      const T rstd = T(1) / std::sqrt(delta2[i] + T(a.eps));
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t gi = g * K * C + i;
-        static_cast<T*>(a.A)[gi] = static_cast<const T*>(a.gamma)[c] *
-                                   std::exp(T(-0.5) * static_cast<const T*>(a.log_weight)[gi]) * rstd;
-      }
-    }
-}
 
 // Typed views of the gradient outputs.
 template <typename T>
@@ -728,7 +853,6 @@ void parameter_grads(const MixArgs& a, int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t i = k * C + c;
       const T var = static_cast<const T*>(a.var)[i], h = static_cast<const T*>(a.h)[i];
-      const T rstd = T(1) / std::sqrt(static_cast<const T*>(a.delta2)[i] + T(a.eps));
       T g_h = 0, g_mu = 0, g_lc_sum = 0;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t gi = g * KC + i;
@@ -737,7 +861,7 @@ void parameter_grads(const MixArgs& a, int64_t c0, int64_t c1) {
         g_mu += R1[gi] + (r2 ? r2[GKC + gi] : T(0));
         g_lc_sum += g_lc;
         out.log_weight[gi] = g_lc - T(0.5) * E1[gi] * A[gi];
-        g_gamma += E1[gi] * std::exp(T(-0.5) * static_cast<const T*>(a.log_weight)[gi]) * rstd;
+        g_gamma += E1[gi] * static_cast<const T*>(a.scale)[gi];
         g_beta += E0[gi];
       }
       out.mu[i] = T(2) * h * g_mu;
@@ -748,70 +872,85 @@ void parameter_grads(const MixArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
-// torch's softplus (linear above 20) and its derivative, the logistic function.
-template <typename T>
-MIX_INLINE T softplus(T r) { return r > T(20) ? r : std::log1p(std::exp(r)); }
-template <typename T>
-MIX_INLINE T softplus_slope(T r) { return r > T(20) ? T(1) : T(1) / (T(1) + std::exp(-r)); }
-
-// softmax_k(p[g, :, c]) into s[K]; returns log sum_k exp(p_k).
-template <typename T>
-T prior_softmax(const MixArgs& a, int64_t g, int64_t c, T* s) {
-  const T* p = static_cast<const T*>(a.weight_param);
-  const int64_t K = a.K, C = a.C;
-  T mx = p[g * K * C + c], total = 0;
-  for (int64_t k = 1; k < K; ++k) mx = std::max(mx, p[(g * K + k) * C + c]);
-  for (int64_t k = 0; k < K; ++k) total += s[k] = std::exp(p[(g * K + k) * C + c] - mx);
-  for (int64_t k = 0; k < K; ++k) s[k] /= total;
-  return mx + std::log(total);
+// Calls f(V{}, c) for the channels [c, c + lanes of V) of [c0, c1): blocks of Vec<T>,
+// then single channels (V = T).
+template <typename T, typename F>
+MIX_INLINE void for_channel_blocks(int64_t c0, int64_t c1, F&& f) {
+  int64_t c = c0;
+  for (; c + kLanes<T> <= c1; c += kLanes<T>) f(Vec<T>{}, c);
+  for (; c < c1; ++c) f(T{}, c);
 }
 
-// UAN's parametrisation: log lambda = log(w + (1 - K w) softmax_k(p)) (log_softmax when
-// w = 0, so no weight underflows to log 0) and sigma^2 = softplus(r) + min_var.
+// torch's softplus (linear above 20) as max(r, 0) + log1p(exp(-|r|)), and its derivative,
+// the logistic function.
+template <typename V>
+MIX_INLINE void softplus(V r, V& value, V& slope) {
+  using T = Elem<V>;
+  const V u = vexp(r < T(0) ? r : -r);
+  const V one = V{} + T(1);
+  value = r > T(20) ? r : (r > T(0) ? r : V{}) + vlog1p(u);
+  slope = r > T(20) ? one : (r >= T(0) ? one : u) / (T(1) + u);
+}
+
+// UAN's parametrisation: lambda = w + (1 - K w) softmax_k(p), log lambda (log_softmax when
+// w = 0, so no weight underflows to log 0) and sigma^2 = softplus(r) + min_var; also the
+// softmax and softplus'(r), which the backward reuses.
 template <typename T>
 void parametrise(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C;
-  const T w = T(a.min_weight);
-  T s[kMaxK];
-  for (int64_t c = c0; c < c1; ++c) {
+  const T w = T(a.min_weight), spread = T(1) - T(K) * w;
+  for_channel_blocks<T>(c0, c1, [&](auto zero, int64_t c) {
+    using V = decltype(zero);
     for (int64_t g = 0; g < a.G; ++g) {
-      const T log_total = prior_softmax<T>(a, g, c, s);
+      const T* p = static_cast<const T*>(a.weight_param) + g * K * C + c;
+      V e[kMaxK], mx = load<V>(p);
+      for (int64_t k = 1; k < K; ++k) {
+        const V pk = load<V>(p + k * C);
+        mx = pk > mx ? pk : mx;
+      }
+      V total{};
+      for (int64_t k = 0; k < K; ++k) total += e[k] = vexp(load<V>(p + k * C) - mx);
+      const V log_total = mx + vlog(total);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t gi = (g * K + k) * C + c;
-        static_cast<T*>(a.log_weight)[gi] = w == T(0) ? static_cast<const T*>(a.weight_param)[gi] - log_total
-                                                       : std::log(w + (T(1) - T(K) * w) * s[k]);
+        const V s = e[k] / total;
+        store<V>(static_cast<T*>(a.softmax) + gi, s);
+        store<V>(static_cast<T*>(a.log_weight) + gi, w == T(0) ? load<V>(p + k * C) - log_total : vlog(w + spread * s));
       }
     }
-    for (int64_t k = 0; k < K; ++k)
-      static_cast<T*>(a.var)[k * C + c] = softplus(static_cast<const T*>(a.var_param)[k * C + c]) + T(a.min_var);
-  }
+    for (int64_t k = 0; k < K; ++k) {
+      V value, slope;
+      softplus(load<V>(static_cast<const T*>(a.var_param) + k * C + c), value, slope);
+      store<V>(static_cast<T*>(a.var) + k * C + c, value + T(a.min_var));
+      store<V>(static_cast<T*>(a.slope) + k * C + c, slope);
+    }
+  });
 }
 
 // The chain rule through parametrise, in place on the gradients of log lambda and sigma^2:
-// dL/dp_j = r_j dL/dlog lambda_j - s_j sum_k r_k dL/dlog lambda_k with r = (1 - K w) s / lambda
-// (1 when w = 0), and dL/dr = dL/dsigma^2 softplus'(r).
+// dL/dp_j = r_j dL/dlog lambda_j - s_j sum_k r_k dL/dlog lambda_k with s the softmax and
+// r = (1 - K w) s / lambda (1 when w = 0), and dL/dr = dL/dsigma^2 softplus'(r).
 template <typename T>
 void parametrise_backward(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C;
-  const T w = T(a.min_weight);
-  T s[kMaxK], ratio[kMaxK];
+  const T w = T(a.min_weight), spread = T(1) - T(K) * w;
+  const T* s = static_cast<const T*>(a.softmax);
   Grads<T> grad(a);
+  T ratio[kMaxK];
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t g = 0; g < a.G; ++g) {
-      prior_softmax<T>(a, g, c, s);
       T total = 0;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t gi = (g * K + k) * C + c;
-        ratio[k] = w == T(0) ? T(1) : (T(1) - T(K) * w) * s[k] / std::exp(static_cast<const T*>(a.log_weight)[gi]);
+        ratio[k] = w == T(0) ? T(1) : spread * s[gi] / (w + spread * s[gi]);
         total += ratio[k] * grad.log_weight[gi];
       }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t gi = (g * K + k) * C + c;
-        grad.log_weight[gi] = ratio[k] * grad.log_weight[gi] - s[k] * total;
+        grad.log_weight[gi] = ratio[k] * grad.log_weight[gi] - s[gi] * total;
       }
     }
-    for (int64_t k = 0; k < K; ++k)
-      grad.var[k * C + c] *= softplus_slope(static_cast<const T*>(a.var_param)[k * C + c]);
+    for (int64_t k = 0; k < K; ++k) grad.var[k * C + c] *= static_cast<const T*>(a.slope)[k * C + c];
   }
 }
 
@@ -819,16 +958,47 @@ void parametrise_backward(const MixArgs& a, int64_t c0, int64_t c1) {
 template <typename T>
 void logit_terms(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C;
-  for (int64_t c = c0; c < c1; ++c)
+  for_channel_blocks<T>(c0, c1, [&](auto zero, int64_t c) {
+    using V = decltype(zero);
     for (int64_t k = 0; k < K; ++k) {
-      const T var = static_cast<const T*>(a.var)[k * C + c];
-      static_cast<T*>(a.h)[k * C + c] = T(0.5) / var;
-      const T log_norm = T(0.5) * std::log(T(2 * M_PI) * var);
+      const V var = load<V>(static_cast<const T*>(a.var) + k * C + c);
+      store<V>(static_cast<T*>(a.h) + k * C + c, T(0.5) / var);
+      const V log_norm = T(0.5) * vlog(T(2 * M_PI) * var);
       for (int64_t g = 0; g < a.G; ++g) {
         const int64_t gi = (g * K + k) * C + c;
-        static_cast<T*>(a.lc)[gi] = static_cast<const T*>(a.log_weight)[gi] - log_norm;
+        store<V>(static_cast<T*>(a.lc) + gi, load<V>(static_cast<const T*>(a.log_weight) + gi) - log_norm);
       }
     }
+  });
+}
+
+// alpha = shift + S1/S0, delta^2 = max(S2/S0 - (S1/S0)^2, 0) from the sums (unless given);
+// then scale[g,k] = lambda_gk^(-1/2) (delta_k^2 + eps)^(-1/2) and A = gamma scale.
+template <typename T>
+void output_tables(const MixArgs& a, int64_t c0, int64_t c1) {
+  const int64_t K = a.K, C = a.C, KC = K * C;
+  T* alpha = static_cast<T*>(a.alpha);
+  T* delta2 = static_cast<T*>(a.delta2);
+  for_channel_blocks<T>(c0, c1, [&](auto zero, int64_t c) {
+    using V = decltype(zero);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = k * C + c;
+      if (a.sums) {
+        const Moments<V> s(a.sums, i, KC);
+        const V var = s.m2 - s.m1 * s.m1;
+        store<V>(alpha + i, load<V>(static_cast<const T*>(a.shift) + c) + s.m1);
+        store<V>(delta2 + i, var > T(0) ? var : V{});
+      }
+      const V rstd = T(1) / vsqrt(load<V>(delta2 + i) + T(a.eps));
+      for (int64_t g = 0; g < a.G; ++g) {
+        const int64_t gi = g * KC + i;
+        // lambda^(-1/2) = 1 / exp(log lambda / 2): log lambda <= 0 up to rounding.
+        const V scale = rstd / vexp(T(0.5) * load<V>(static_cast<const T*>(a.log_weight) + gi));
+        store<V>(static_cast<T*>(a.scale) + gi, scale);
+        store<V>(static_cast<T*>(a.A) + gi, load<V>(static_cast<const T*>(a.gamma) + c) * scale);
+      }
+    }
+  });
 }
 
 // Running averages as BatchNorm keeps them: r <- r + momentum (batch - r), with delta^2
@@ -923,7 +1093,6 @@ int run(int is_double, const MixArgs* a, int threads) {
 
 }  // namespace
 
-extern "C" {
 int mix_forward(int is_double, const MixArgs* a, int threads) { return run<ForwardPass>(is_double, a, threads); }
 int mix_backward(int is_double, const MixArgs* a, int threads) {
   // Scratch for dS, red, red2, laid out as MixArgs describes.
@@ -936,5 +1105,4 @@ int mix_backward(int is_double, const MixArgs* a, int threads) {
   b.red = base + 3 * KC * size;
   b.red2 = base + (3 * KC + 5 * GKC) * size;
   return run<BackwardPass>(is_double, &b, threads);
-}
 }

@@ -147,7 +147,7 @@ class MixtureNorm(nn.Module):
         # The mixture is saved for backward: clone it, so a later in-place fit leaves the graph valid.
         fit = Mixture(*(t.clone() for t in self._mixture("fit")))
         running = (self.running_alpha, self.running_delta2, self.momentum)
-        y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running)
+        y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running, batch_stats=False)
         self.num_batches_tracked.add_(1)
         return y
 

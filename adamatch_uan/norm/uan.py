@@ -124,7 +124,8 @@ class UAN(nn.Module):
         learned = LearnedMixture(self.prior_logits, self.mean, self.raw_var, self.min_weight, self.min_var)
         if self.training:
             running = (self.running_mean, self.running_var, self.momentum)
-            y, _ = mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, running=running)
+            y, _ = mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, running=running,
+                                     batch_stats=False)
             self.num_batches_tracked.add_(1)
             return y
         stats = (self.mean, self.var) if self.inference == "learned" else (self.running_mean, self.running_var)
