@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -132,7 +133,15 @@ def _extension():
     cpp_extension into ``$ADAMATCH_UAN_CACHE`` on first use, or None (with a warning)."""
     if os.environ.get("ADAMATCH_UAN_KERNEL", "1") == "0":
         return None
-    from torch.utils import cpp_extension
+    # On a CUDA build without a GPU, importing cpp_extension logs a CUDA_HOME warning that
+    # does not concern this CPU-only extension.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
 
     text = b"".join(path.read_bytes() for path in (*_SOURCES, _HEADER))
     key = hashlib.sha256(text + " ".join([*_FLAGS, torch.__version__, _cpu_signature()]).encode()).hexdigest()[:16]

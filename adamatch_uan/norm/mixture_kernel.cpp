@@ -589,36 +589,54 @@ MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
 // chunks of kFlushRows * kLanes, after each of which the float reductions are added into
 // double totals; no transpose. ----
 
+// Scratch kept by each thread across calls, one buffer per use: a heap block freed at the
+// end of every call can go back to the OS and cost page faults on the next call.
+enum ScratchUse { kTotals, kRows, kBackwardTables };
+template <typename E, int Use>
+E* thread_scratch(size_t n) {
+  thread_local std::vector<E> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Rows grouped by context: group g's rows are row(start[g]) .. row(start[g + 1] - 1), in
 // order (without contexts every row is in group 0).
 struct RowOrder {
-  std::vector<int64_t> rows, start;
-  explicit RowOrder(const MixArgs& a) : rows(a.ctx ? a.N : 0), start(a.G + 1, a.N) {
+  int64_t* rows = nullptr;  // null: row(i) = i
+  int64_t* start;
+  explicit RowOrder(const MixArgs& a) {
+    const int64_t G = a.G;
+    int64_t* buffer = thread_scratch<int64_t, kRows>((a.ctx ? a.N : 0) + 2 * G + 1);
+    start = buffer;
+    std::fill(start, start + G + 1, a.ctx ? 0 : a.N);
     start[0] = 0;
     if (!a.ctx) return;
-    std::fill(start.begin(), start.end(), 0);
     for (int64_t n = 0; n < a.N; ++n) ++start[a.ctx[n] + 1];
-    for (int64_t g = 0; g < a.G; ++g) start[g + 1] += start[g];
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
+    int64_t* next = std::copy(start, start + G, buffer + G + 1) - G;
+    rows = buffer + 2 * G + 1;
     for (int64_t n = 0; n < a.N; ++n) rows[next[a.ctx[n]]++] = n;
   }
-  MIX_INLINE int64_t row(int64_t i) const { return rows.empty() ? i : rows[i]; }
+  MIX_INLINE int64_t row(int64_t i) const { return rows ? rows[i] : i; }
 };
 
 // Double totals of R reductions per (group, component, channel of [c0, c1)).
 template <int R, int K>
 struct FlatTotals {
   int64_t G, c0, width;
-  std::vector<double> v;
-  FlatTotals(int64_t groups, int64_t first, int64_t last)
-      : G(groups), c0(first), width(last - first), v(R * groups * K * (last - first)) {}
+  double* v;
+  FlatTotals(int64_t groups, int64_t first, int64_t last) : G(groups), c0(first), width(last - first) {
+    const size_t n = R * groups * K * width;
+    v = thread_scratch<double, kTotals>(n);
+    std::fill(v, v + n, 0.0);
+  }
   // Adds acc[r * K + k] (the lanes of channels c, c + 1, ...) to group g's totals.
   template <typename V>
   MIX_INLINE void add(const std::array<V, R * K>& acc, int64_t g, int64_t c) {
     constexpr int kWidth = sizeof(V) / sizeof(Elem<V>);
     for (int r = 0; r < R; ++r)
       for (int k = 0; k < K; ++k) {
-        double* t = v.data() + ((r * G + g) * K + k) * width + (c - c0);
+        double* t = v + ((r * G + g) * K + k) * width + (c - c0);
         for (int j = 0; j < kWidth; ++j) t[j] += lane(acc[r * K + k], j);
       }
   }
@@ -1095,14 +1113,14 @@ int run(int is_double, const MixArgs* a, int threads) {
 
 int mix_forward(int is_double, const MixArgs* a, int threads) { return run<ForwardPass>(is_double, a, threads); }
 int mix_backward(int is_double, const MixArgs* a, int threads) {
-  // Scratch for dS, red, red2, laid out as MixArgs describes.
+  // Scratch for dS, red, red2, laid out as MixArgs describes; red2 stays null without
+  // batch statistics (no stats pass to reduce).
   const int64_t KC = a->K * a->C, GKC = a->G * KC;
-  std::vector<double> scratch(3 * KC + 8 * GKC);
   MixArgs b = *a;
-  char* base = reinterpret_cast<char*>(scratch.data());
+  char* base = reinterpret_cast<char*>(thread_scratch<double, kBackwardTables>(3 * KC + 8 * GKC));
   const int64_t size = is_double ? sizeof(double) : sizeof(float);
   b.dS = base;
   b.red = base + 3 * KC * size;
-  b.red2 = base + (3 * KC + 5 * GKC) * size;
+  b.red2 = a->sums ? base + (3 * KC + 5 * GKC) * size : nullptr;
   return run<BackwardPass>(is_double, &b, threads);
 }
