@@ -122,21 +122,36 @@ MIX_INLINE Elem<V> lane(V v, int j) {
   }
 }
 
+// floor and sqrt lane by lane: gcc turns each loop into one vector instruction.
+template <typename V>
+MIX_INLINE V vfloor(V x) {
+  if constexpr (kIsVec<V>) {
+    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) x[j] = std::floor(x[j]);
+    return x;
+  } else {
+    return std::floor(x);
+  }
+}
+
+template <typename V>
+MIX_INLINE V vsqrt(V x) {
+  if constexpr (kIsVec<V>) {
+    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) x[j] = std::sqrt(x[j]);
+    return x;
+  } else {
+    return std::sqrt(x);
+  }
+}
+
 // exp for arguments <= 0 (logits minus their max). Cephes-style polynomial, relative
 // error ~1e-7, below float32 resolution of the softmax; written once for float and
-// Vec<float> (whose floor is a truncation corrected downwards).
+// Vec<float>.
 template <typename V, typename I>
 MIX_INLINE V exp_nonpositive(V x) {
   const V lo = V{} - 87.0f;
   x = x < lo ? lo : x;
   const V t = x * 1.44269504088896341f + 0.5f;
-  V fx;
-  if constexpr (kIsVec<V>) {
-    fx = convert<V>(convert<I>(t));
-    fx = fx > t ? fx - 1.0f : fx;
-  } else {
-    fx = std::floor(t);  // as a select, the above stops gcc vectorizing the scalar loops
-  }
+  const V fx = vfloor(t);
   const V r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   const V z = r * r;
   V y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
@@ -213,15 +228,6 @@ MIX_INLINE V vlog1p(V u) {
   }
 }
 
-template <typename V>
-MIX_INLINE V vsqrt(V x) {
-  if constexpr (kIsVec<V>) {
-    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) x[j] = std::sqrt(x[j]);
-    return x;
-  } else {
-    return std::sqrt(x);
-  }
-}
 
 template <typename V, int K, typename Tab>
 MIX_INLINE void responsibilities(V xv, const Tab& m, const Tab& hh, const Tab& l0, V* t) {
@@ -369,225 +375,18 @@ MIX_INLINE V stats_backward_element(const Tau& tau, int64_t i, V xv, const Tab& 
   }
   return direct - Elem<V>(2) * through_logits;
 }
-// ---- Spatial layout (P > 1): SIMD along the positions of one (sample, channel) row. ----
 
-// Rows of one channel are C*P elements apart, so each short row starts on a cold page
-// where the hardware prefetcher has not ramped up: fetch the start of the next row early.
-template <typename T>
-MIX_INLINE void prefetch_row(const T* row, int64_t P, bool write = false) {
-  const int64_t n = P < 512 ? P : 512;
-  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) write ? __builtin_prefetch(row + i, 1) : __builtin_prefetch(row + i);
-}
-
-// Calls f(p, j) for p in [0, P), j = p mod L: full blocks as one SIMD loop, then the tail.
-template <int L, typename F>
-MIX_INLINE void for_positions(int64_t P, F&& f) {
-  int64_t p = 0;
-  for (; p + L <= P; p += L) {
-#pragma omp simd
-    for (int j = 0; j < L; ++j) f(p + j, j);
-  }
-  for (int j = 0; p + j < P; ++j) f(p + j, j);
-}
-
-// Per-lane accumulators of R quantities per component, flushed into double totals
-// laid out (R, G, K).
-template <typename T, int R, int K>
-struct Lanes {
-  static constexpr int L = kLanes<T>;
-  alignas(64) T v[R * K * L];
-  std::vector<double> total;
-  int64_t G, group = -1;
-  int rows = 0;
-  explicit Lanes(int64_t groups) : total(R * groups * K), G(groups) {}
-  void reset() {
-    std::fill(total.begin(), total.end(), 0.0);
-    std::fill(v, v + R * K * L, T(0));
-    group = -1;
-    rows = 0;
-  }
-  void row(int64_t g) {
-    if (g != group || rows == kFlushRows) flush();
-    group = g;
-    ++rows;
-  }
-  void flush() {
-    if (group >= 0)
-      for (int r = 0; r < R; ++r)
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k) {
-          double s = 0;
-          for (int j = 0; j < L; ++j) s += v[(r * K + k) * L + j];
-          total[(r * G + group) * K + k] += s;
-        }
-    std::fill(v, v + R * K * L, T(0));
-    rows = 0;
-  }
-  // add(r, k, v) for lane j.
-  MIX_INLINE auto adder(int j) {
-    T* s = v;
-    return [s, j](int r, int k, T value) { s[(r * K + k) * L + j] += value; };
-  }
-  // Writes the totals of channel c into red laid out (R, G, K, C).
-  void store(void* red, int64_t c, int64_t C) {
-    flush();
-    T* out = static_cast<T*>(red);
-    for (int r = 0; r < R; ++r)
-      for (int64_t g = 0; g < G; ++g)
-        MIX_UNROLL
-        for (int k = 0; k < K; ++k)
-          out[((r * G + g) * K + k) * C + c] = static_cast<T>(total[(r * G + g) * K + k]);
-  }
-};
-
-// Per-channel constants gathered once so the inner loop touches only registers.
-template <typename T, int K>
-struct Channel {
-  T m[K], hh[K];
-  const MixArgs& a;
-  int64_t c;
-  Channel(const MixArgs& args, int64_t ch) : a(args), c(ch) {
-    MIX_UNROLL
-    for (int k = 0; k < K; ++k) {
-      m[k] = static_cast<const T*>(a.mu)[k * a.C + c];
-      hh[k] = static_cast<const T*>(a.h)[k * a.C + c];
-    }
-  }
-  int64_t group(int64_t n) const { return row_group(a, n); }
-  // table laid out (R, K, C): row r of channel c.
-  void table(const void* t, int64_t r, T* dst) const {
-    MIX_UNROLL
-    for (int k = 0; k < K; ++k) dst[k] = static_cast<const T*>(t)[(r * K + k) * a.C + c];
-  }
-  const T* row(const void* base, int64_t n) const { return static_cast<const T*>(base) + (n * a.C + c) * a.P; }
-  T* row(void* base, int64_t n) const { return static_cast<T*>(base) + (n * a.C + c) * a.P; }
-};
-
-// red (3, 1, K, C) = sums of tau_k * {1, xt, xt^2}, xt = x - shift[c].
-template <typename T, int K, int Mode>
-MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
-  constexpr int L = kLanes<T>;
-  Lanes<T, 3, K> acc(1);
-  for (int64_t c = c0; c < c1; ++c) {
-    Channel<T, K> ch(a, c);
-    const T sh = ch.row(a.x, 0)[0];
-    static_cast<T*>(a.shift)[c] = sh;
-    acc.reset();
-    for (int64_t n = 0; n < a.N; ++n) {
-      T l0[K];
-      ch.table(a.lc, ch.group(n), l0);
-      acc.row(0);
-      const T* __restrict__ xr = ch.row(a.x, n);
-      const auto tau = tau_row<T, K, Mode>(a, n, c);
-      if (n + 1 < a.N) prefetch_row(ch.row(a.x, n + 1), a.P);
-      for_positions<L>(a.P, [&](int64_t p, int j) {
-        stats_element<T, K, const T*>(tau, p, xr[p], ch.m, ch.hh, l0, sh, acc.adder(j));
-      });
-    }
-    acc.store(a.sums, c, a.C);
-  }
-}
-
-// y = beta + sum_k tau_k * A[g,k] * (x - alpha_k)
-template <typename T, int K, int Mode>
-MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
-  constexpr int L = kLanes<T>;
-  for (int64_t c = c0; c < c1; ++c) {
-    Channel<T, K> ch(a, c);
-    T al[K];
-    ch.table(a.alpha, 0, al);
-    const T b = static_cast<const T*>(a.beta)[c];
-    for (int64_t n = 0; n < a.N; ++n) {
-      int64_t g = ch.group(n);
-      T l0[K], Ag[K];
-      ch.table(a.lc, g, l0);
-      ch.table(a.A, g, Ag);
-      const T* __restrict__ xr = ch.row(a.x, n);
-      const auto tau = tau_row<T, K, Mode>(a, n, c);
-      T* __restrict__ yr = ch.row(a.out, n);
-      if (n + 1 < a.N) {
-        prefetch_row(ch.row(a.x, n + 1), a.P);
-        prefetch_row(ch.row(a.out, n + 1), a.P, true);
-      }
-      for_positions<L>(a.P, [&](int64_t p, int) { yr[p] = apply_element<T, K, const T*>(tau, p, xr[p], ch.m, ch.hh, l0, Ag, al, b); });
-    }
-  }
-}
-
-// Backward of apply. red (5, G, K, C): E0, E1, L0, R1, R2 of apply_backward_element.
-// Without need_param_grads only E0, E1 are reduced (the last three stay 0).
-template <typename T, int K, bool Params, int Mode>
-MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
-  constexpr int L = kLanes<T>;
-  Lanes<T, 5, K> acc(a.G);
-  for (int64_t c = c0; c < c1; ++c) {
-    Channel<T, K> ch(a, c);
-    T al[K];
-    ch.table(a.alpha, 0, al);
-    acc.reset();
-    for (int64_t n = 0; n < a.N; ++n) {
-      int64_t g = ch.group(n);
-      T l0[K], Ag[K];
-      ch.table(a.lc, g, l0);
-      ch.table(a.A, g, Ag);
-      acc.row(g);
-      const T* __restrict__ xr = ch.row(a.x, n);
-      const auto tau = tau_row<T, K, Mode>(a, n, c);
-      const T* __restrict__ gr = ch.row(a.grad, n);
-      T* __restrict__ dxr = ch.row(a.out, n);
-      if (n + 1 < a.N) {
-        prefetch_row(ch.row(a.x, n + 1), a.P);
-        prefetch_row(ch.row(a.grad, n + 1), a.P);
-        prefetch_row(ch.row(a.out, n + 1), a.P, true);
-      }
-      for_positions<L>(a.P, [&](int64_t p, int j) {
-        dxr[p] = apply_backward_element<T, K, Params, const T*>(tau, p, xr[p], gr[p], ch.m, ch.hh, l0, Ag, al, acc.adder(j));
-      });
-    }
-    acc.store(a.red, c, a.C);
-  }
-}
-
-// Backward of stats given dS (3, K, C); adds the input gradient to `out` (apply_backward's
-// result), so the layer writes one input-gradient tensor. red (3, G, K, C): L0, R1, R2
-// (0 without need_param_grads).
-template <typename T, int K, bool Params, int Mode>
-MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
-  constexpr int L = kLanes<T>;
-  Lanes<T, 3, K> acc(a.G);
-  for (int64_t c = c0; c < c1; ++c) {
-    Channel<T, K> ch(a, c);
-    T d0[K], d1[K], d2[K];
-    ch.table(a.dS, 0, d0);
-    ch.table(a.dS, 1, d1);
-    ch.table(a.dS, 2, d2);
-    const T sh = static_cast<const T*>(a.shift)[c];
-    acc.reset();
-    for (int64_t n = 0; n < a.N; ++n) {
-      int64_t g = ch.group(n);
-      T l0[K];
-      ch.table(a.lc, g, l0);
-      acc.row(g);
-      const T* __restrict__ xr = ch.row(a.x, n);
-      const auto tau = tau_row<T, K, Mode>(a, n, c);
-      T* __restrict__ dxr = ch.row(a.out, n);
-      if (n + 1 < a.N) {
-        prefetch_row(ch.row(a.x, n + 1), a.P);
-        prefetch_row(ch.row(a.out, n + 1), a.P, true);
-      }
-      for_positions<L>(a.P, [&](int64_t p, int j) {
-        dxr[p] += stats_backward_element<T, K, Params, const T*>(tau, p, xr[p], ch.m, ch.hh, l0, sh, d0, d1, d2, acc.adder(j));
-      });
-    }
-    acc.store(a.red2, c, a.C);
-  }
-}
-
-// ---- Flat layout (P == 1, x is (N, C)): channels in blocks of one vector (the last few
-// channels of a thread's range one at a time), each block running down the rows with its
-// channels' tables and reductions in registers. Rows are visited group by group, in
-// chunks of kFlushRows * kLanes, after each of which the float reductions are added into
-// double totals; no transpose. ----
+// ---- The four passes. A block is one vector of elements (V = Vec<T>) or one element
+// (V = T, for what is left over), taken down a chunk of rows with its tables and its
+// reductions in registers:
+// - flat inputs (P == 1, x is (N, C)): the lanes are channels [c, c + lanes) of each row,
+//   whose tables are loaded as vectors; rows are chunked by kFlushRows * kLanes;
+// - spatial inputs (P > 1): the lanes are positions [p, p + lanes) of the row of each
+//   sample n and channel c, whose tables are channel c's, broadcast; rows are chunked by
+//   kFlushRows, and the next row is prefetched (a channel's rows are C * P apart, so each
+//   short row would start on a cold page where the hardware prefetcher has not ramped up).
+// Rows are visited group by group, and after each chunk the float reductions are added
+// into double totals per (group, component, channel). ----
 
 // Scratch kept by each thread across calls, one buffer per use: a heap block freed at the
 // end of every call can go back to the OS and cost page faults on the next call.
@@ -622,22 +421,23 @@ struct RowOrder {
 
 // Double totals of R reductions per (group, component, channel of [c0, c1)).
 template <int R, int K>
-struct FlatTotals {
+struct Totals {
   int64_t G, c0, width;
   double* v;
-  FlatTotals(int64_t groups, int64_t first, int64_t last) : G(groups), c0(first), width(last - first) {
+  Totals(int64_t groups, int64_t first, int64_t last) : G(groups), c0(first), width(last - first) {
     const size_t n = R * groups * K * width;
     v = thread_scratch<double, kTotals>(n);
     std::fill(v, v + n, 0.0);
   }
-  // Adds acc[r * K + k] (the lanes of channels c, c + 1, ...) to group g's totals.
-  template <typename V>
+  // Adds acc[r * K + k] to group g's totals: lane j to channel c + j (flat), or every
+  // lane to channel c (spatial).
+  template <bool Spatial, typename V>
   MIX_INLINE void add(const std::array<V, R * K>& acc, int64_t g, int64_t c) {
     constexpr int kWidth = sizeof(V) / sizeof(Elem<V>);
     for (int r = 0; r < R; ++r)
       for (int k = 0; k < K; ++k) {
         double* t = v + ((r * G + g) * K + k) * width + (c - c0);
-        for (int j = 0; j < kWidth; ++j) t[j] += lane(acc[r * K + k], j);
+        for (int j = 0; j < kWidth; ++j) t[Spatial ? 0 : j] += lane(acc[r * K + k], j);
       }
   }
   // Writes the totals into red laid out (R, G, K, C).
@@ -649,150 +449,201 @@ struct FlatTotals {
   }
 };
 
-// Runs Pass::block<V>(a, c, g, order, i0, i1), which returns the reductions (R x K) of
-// channels [c, c + lanes of V) over rows order.row(i), i in [i0, i1), all of group g, for
-// every channel block and row chunk of [c0, c1), and writes their totals into red laid
-// out (R, G, K, C) (PerGroup) or (R, 1, K, C).
-template <typename T, int R, int K, bool PerGroup, typename Pass>
-MIX_INLINE void flat_pass(const MixArgs& a, int64_t c0, int64_t c1, void* red) {
-  constexpr int W = kLanes<T>;
-  constexpr int64_t kChunk = kFlushRows * W;
-  const RowOrder order(a);
-  FlatTotals<R, K> totals(PerGroup ? a.G : 1, c0, c1);
-  for (int64_t g = 0; g < a.G; ++g)
-    for (int64_t i0 = order.start[g]; i0 < order.start[g + 1]; i0 += kChunk) {
-      const int64_t i1 = std::min(i0 + kChunk, order.start[g + 1]);
-      const int64_t slot = PerGroup ? g : 0;
-      int64_t c = c0;
-      for (; c + W <= c1; c += W) totals.add(Pass::template block<Vec<T>>(a, c, g, order, i0, i1), slot, c);
-      for (; c < c1; ++c) totals.add(Pass::template block<T>(a, c, g, order, i0, i1), slot, c);
+// Where a block's elements lie: the rows of chunk [i0, i1) of group g, at channel c and,
+// for spatial inputs, positions [p0, p1).
+struct Block {
+  int64_t c, g, i0, i1, p0, p1;
+};
+
+// Calls f(at, i, tau) for the block's elements of each row: at is the element's offset in
+// x, i its index in the row's responsibilities `tau`; spatial rows also prefetch the
+// next row of each of `arrays`.
+template <typename T, int K, int Mode, bool Spatial, typename V, typename F, typename... Arrays>
+MIX_INLINE void for_block(const MixArgs& a, const RowOrder& o, const Block& b, F&& f, Arrays... arrays) {
+  constexpr int64_t kWidth = sizeof(V) / sizeof(T);
+  for (int64_t i = b.i0; i < b.i1; ++i) {
+    const int64_t n = o.row(i);
+    if constexpr (Spatial) {
+      const int64_t base = (n * a.C + b.c) * a.P;
+      if (kIsVec<V> && i + 1 < b.i1) {
+        const int64_t next = (o.row(i + 1) * a.C + b.c) * a.P, length = a.P < 512 ? a.P : 512;
+        for (int64_t p = 0; p < length; p += kLanes<T>) (__builtin_prefetch(static_cast<const T*>(arrays) + next + p), ...);
+      }
+      const auto tau = tau_row<T, K, Mode>(a, n, b.c);
+      for (int64_t p = b.p0; p < b.p1; p += kWidth) f(base + p, p, tau);
+    } else {
+      f(n * a.C + b.c, b.c, tau_row<T, K, Mode>(a, n, 0));
     }
-  if (R > 0) totals.template store<T>(red, a.C);
+  }
 }
 
-// Row r of a table laid out (R, K, C), for the channels of one block.
-template <typename V, int K>
+// Entry i of a per-channel array for the lanes of a block at entry i: one channel per lane
+// (flat) or channel i's entry broadcast (spatial).
+template <bool Spatial, typename V>
+MIX_INLINE V lanes_at(const void* t, int64_t i) {
+  const Elem<V>* p = static_cast<const Elem<V>*>(t) + i;
+  if constexpr (Spatial) {
+    return V{} + *p;
+  } else {
+    return load<V>(p);
+  }
+}
+
+// Row r of a table laid out (R, K, C) for the lanes of a block at channel c.
+template <bool Spatial, typename V, int K>
 MIX_INLINE void load_table(const void* t, int64_t r, int64_t C, int64_t c, V* dst) {
   MIX_UNROLL
-  for (int k = 0; k < K; ++k) dst[k] = load<V>(static_cast<const Elem<V>*>(t) + (r * K + k) * C + c);
+  for (int k = 0; k < K; ++k) dst[k] = lanes_at<Spatial, V>(t, (r * K + k) * C + c);
 }
 
 template <typename V, int K>
 using Reductions = std::array<V, K>;
 
-template <typename T, int K, int Mode>
-struct StatsFlat {
-  template <typename V>
-  static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
-    V m[K], hh[K], l0[K];
-    load_table<V, K>(a.mu, 0, a.C, c, m);
-    load_table<V, K>(a.h, 0, a.C, c, hh);
-    load_table<V, K>(a.lc, g, a.C, c, l0);
-    const V sh = load<V>(static_cast<const T*>(a.shift) + c);
-    Reductions<V, 3 * K> acc{};
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = o.row(i);
-      const V xv = load<V>(static_cast<const T*>(a.x) + n * a.C + c);
-      stats_element<V, K, const V*>(tau_row<T, K, Mode>(a, n, 0), c, xv, m, hh, l0, sh,
-                                    [&](int r, int k, V v) { acc[r * K + k] += v; });
+// Runs Pass::block<Spatial, V>(a, order, block) -> Reductions<V, R * K> over every block of
+// the channels [c0, c1) and writes the totals into red laid out (R, G, K, C) (PerGroup)
+// or (R, 1, K, C).
+template <typename T, int R, int K, bool PerGroup, typename Pass>
+MIX_INLINE void run_blocks(const MixArgs& a, int64_t c0, int64_t c1, void* red) {
+  constexpr int W = kLanes<T>;
+  const RowOrder order(a);
+  Totals<R, K> totals(PerGroup ? a.G : 1, c0, c1);
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int64_t slot = PerGroup ? g : 0, first = order.start[g], last = order.start[g + 1];
+    if (a.P == 1) {
+      for (int64_t i0 = first; i0 < last; i0 += kFlushRows * W) {
+        const int64_t i1 = std::min(i0 + kFlushRows * W, last);
+        int64_t c = c0;
+        for (; c + W <= c1; c += W)
+          totals.template add<false>(Pass::template block<false, Vec<T>>(a, order, {c, g, i0, i1, 0, 1}), slot, c);
+        for (; c < c1; ++c)
+          totals.template add<false>(Pass::template block<false, T>(a, order, {c, g, i0, i1, 0, 1}), slot, c);
+      }
+    } else {
+      const int64_t vectors = a.P / W * W;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t i0 = first; i0 < last; i0 += kFlushRows) {
+          const int64_t i1 = std::min(i0 + kFlushRows, last);
+          if (vectors > 0)
+            totals.template add<true>(Pass::template block<true, Vec<T>>(a, order, {c, g, i0, i1, 0, vectors}), slot, c);
+          if (vectors < a.P)
+            totals.template add<true>(Pass::template block<true, T>(a, order, {c, g, i0, i1, vectors, a.P}), slot, c);
+        }
     }
+  }
+  if (R > 0) totals.template store<T>(red, a.C);
+}
+
+// red (3, 1, K, C) = sums of tau_k * {1, xt, xt^2} over all rows, xt = x - shift[c].
+template <typename T, int K, int Mode>
+struct StatsPass {
+  template <bool Spatial, typename V>
+  static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
+    V m[K], hh[K], l0[K];
+    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
+    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
+    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    const V sh = lanes_at<Spatial, V>(a.shift, b.c);
+    Reductions<V, 3 * K> acc{};
+    const T* x = static_cast<const T*>(a.x);
+    for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
+      stats_element<V, K, const V*>(tau, i, load<V>(x + at), m, hh, l0, sh, [&](int r, int k, V v) { acc[r * K + k] += v; });
+    }, x);
     return acc;
   }
 };
 
 template <typename T, int K, int Mode>
-struct ApplyFlat {
-  template <typename V>
-  static MIX_INLINE Reductions<V, 0> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
+struct ApplyPass {
+  template <bool Spatial, typename V>
+  static MIX_INLINE Reductions<V, 0> block(const MixArgs& a, const RowOrder& o, const Block& b) {
     V m[K], hh[K], l0[K], Ag[K], al[K];
-    load_table<V, K>(a.mu, 0, a.C, c, m);
-    load_table<V, K>(a.h, 0, a.C, c, hh);
-    load_table<V, K>(a.lc, g, a.C, c, l0);
-    load_table<V, K>(a.A, g, a.C, c, Ag);
-    load_table<V, K>(a.alpha, 0, a.C, c, al);
-    const V b = load<V>(static_cast<const T*>(a.beta) + c);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = o.row(i);
-      const V xv = load<V>(static_cast<const T*>(a.x) + n * a.C + c);
-      store<V>(static_cast<T*>(a.out) + n * a.C + c,
-               apply_element<V, K, const V*>(tau_row<T, K, Mode>(a, n, 0), c, xv, m, hh, l0, Ag, al, b));
-    }
+    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
+    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
+    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    load_table<Spatial, V, K>(a.A, b.g, a.C, b.c, Ag);
+    load_table<Spatial, V, K>(a.alpha, 0, a.C, b.c, al);
+    const V beta = lanes_at<Spatial, V>(a.beta, b.c);
+    const T* x = static_cast<const T*>(a.x);
+    T* y = static_cast<T*>(a.out);
+    for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
+      store<V>(y + at, apply_element<V, K, const V*>(tau, i, load<V>(x + at), m, hh, l0, Ag, al, beta));
+    }, x, static_cast<const T*>(y));
     return {};
   }
 };
 
+// Reductions E0, E1, L0, R1, R2 as apply_backward_element's, into red (5, G, K, C).
 template <typename T, int K, bool Params, int Mode>
-struct ApplyBackwardFlat {
-  template <typename V>
-  static MIX_INLINE Reductions<V, 5 * K> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
+struct ApplyBackwardPass {
+  template <bool Spatial, typename V>
+  static MIX_INLINE Reductions<V, 5 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
     V m[K], hh[K], l0[K], Ag[K], al[K];
-    load_table<V, K>(a.mu, 0, a.C, c, m);
-    load_table<V, K>(a.h, 0, a.C, c, hh);
-    load_table<V, K>(a.lc, g, a.C, c, l0);
-    load_table<V, K>(a.A, g, a.C, c, Ag);
-    load_table<V, K>(a.alpha, 0, a.C, c, al);
+    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
+    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
+    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    load_table<Spatial, V, K>(a.A, b.g, a.C, b.c, Ag);
+    load_table<Spatial, V, K>(a.alpha, 0, a.C, b.c, al);
     Reductions<V, 5 * K> acc{};
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = o.row(i), at = n * a.C + c;
-      const V xv = load<V>(static_cast<const T*>(a.x) + at);
-      const V gv = load<V>(static_cast<const T*>(a.grad) + at);
-      store<V>(static_cast<T*>(a.out) + at,
-               apply_backward_element<V, K, Params, const V*>(tau_row<T, K, Mode>(a, n, 0), c, xv, gv, m, hh, l0, Ag, al,
-                                                              [&](int r, int k, V v) { acc[r * K + k] += v; }));
-    }
+    const T* x = static_cast<const T*>(a.x);
+    const T* gy = static_cast<const T*>(a.grad);
+    T* dx = static_cast<T*>(a.out);
+    for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
+      store<V>(dx + at, apply_backward_element<V, K, Params, const V*>(tau, i, load<V>(x + at), load<V>(gy + at), m, hh, l0,
+                                                                      Ag, al, [&](int r, int k, V v) { acc[r * K + k] += v; }));
+    }, x, gy, static_cast<const T*>(dx));
     return acc;
   }
 };
 
+// Adds the stats pass's part of the input gradient to `out` (the output pass's), so the
+// layer writes one input-gradient tensor; reductions L0, R1, R2 into red2 (3, G, K, C).
 template <typename T, int K, bool Params, int Mode>
-struct StatsBackwardFlat {
-  template <typename V>
-  static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, int64_t c, int64_t g, const RowOrder& o, int64_t i0, int64_t i1) {
+struct StatsBackwardPass {
+  template <bool Spatial, typename V>
+  static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
     V m[K], hh[K], l0[K], d0[K], d1[K], d2[K];
-    load_table<V, K>(a.mu, 0, a.C, c, m);
-    load_table<V, K>(a.h, 0, a.C, c, hh);
-    load_table<V, K>(a.lc, g, a.C, c, l0);
-    load_table<V, K>(a.dS, 0, a.C, c, d0);
-    load_table<V, K>(a.dS, 1, a.C, c, d1);
-    load_table<V, K>(a.dS, 2, a.C, c, d2);
-    const V sh = load<V>(static_cast<const T*>(a.shift) + c);
+    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
+    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
+    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    load_table<Spatial, V, K>(a.dS, 0, a.C, b.c, d0);
+    load_table<Spatial, V, K>(a.dS, 1, a.C, b.c, d1);
+    load_table<Spatial, V, K>(a.dS, 2, a.C, b.c, d2);
+    const V sh = lanes_at<Spatial, V>(a.shift, b.c);
     Reductions<V, 3 * K> acc{};
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = o.row(i), at = n * a.C + c;
-      const V xv = load<V>(static_cast<const T*>(a.x) + at);
-      T* dx = static_cast<T*>(a.out) + at;
-      store<V>(dx, load<V>(dx) + stats_backward_element<V, K, Params, const V*>(
-                                     tau_row<T, K, Mode>(a, n, 0), c, xv, m, hh, l0, sh, d0, d1, d2,
-                                     [&](int r, int k, V v) { acc[r * K + k] += v; }));
-    }
+    const T* x = static_cast<const T*>(a.x);
+    T* dx = static_cast<T*>(a.out);
+    for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
+      store<V>(dx + at, load<V>(dx + at) + stats_backward_element<V, K, Params, const V*>(
+                                               tau, i, load<V>(x + at), m, hh, l0, sh, d0, d1, d2,
+                                               [&](int r, int k, V v) { acc[r * K + k] += v; }));
+    }, x, static_cast<const T*>(dx));
     return acc;
   }
 };
 
-// red (3, 1, K, C) = sums of tau_k * {1, xt, xt^2} over all rows, xt = x - shift[c].
+// The stats pass: the shift (each channel's first value, x[0, c, 0]) and the sums.
 template <typename T, int K, int Mode>
-MIX_PASS void stats_flat(const MixArgs& a, int64_t c0, int64_t c1) {
+MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
   T* sh = static_cast<T*>(a.shift);
-  for (int64_t c = c0; c < c1; ++c) sh[c] = static_cast<const T*>(a.x)[c];
-  flat_pass<T, 3, K, false, StatsFlat<T, K, Mode>>(a, c0, c1, a.sums);
+  for (int64_t c = c0; c < c1; ++c) sh[c] = static_cast<const T*>(a.x)[c * a.P];
+  run_blocks<T, 3, K, false, StatsPass<T, K, Mode>>(a, c0, c1, a.sums);
 }
 
 template <typename T, int K, int Mode>
-MIX_PASS void apply_flat(const MixArgs& a, int64_t c0, int64_t c1) {
-  flat_pass<T, 0, K, false, ApplyFlat<T, K, Mode>>(a, c0, c1, nullptr);
+MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
+  run_blocks<T, 0, K, false, ApplyPass<T, K, Mode>>(a, c0, c1, nullptr);
 }
 
-// Reductions as apply_backward's, into red (5, G, K, C).
 template <typename T, int K, bool Params, int Mode>
-MIX_PASS void apply_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
-  flat_pass<T, 5, K, true, ApplyBackwardFlat<T, K, Params, Mode>>(a, c0, c1, a.red);
+MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
+  run_blocks<T, 5, K, true, ApplyBackwardPass<T, K, Params, Mode>>(a, c0, c1, a.red);
 }
 
-// Adds to `out` as stats_backward does; reductions into red2 (3, G, K, C).
 template <typename T, int K, bool Params, int Mode>
-MIX_PASS void stats_backward_flat(const MixArgs& a, int64_t c0, int64_t c1) {
-  flat_pass<T, 3, K, true, StatsBackwardFlat<T, K, Params, Mode>>(a, c0, c1, a.red2);
+MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
+  run_blocks<T, 3, K, true, StatsBackwardPass<T, K, Params, Mode>>(a, c0, c1, a.red2);
 }
+
 // ---- The (K, C)-sized maths between the passes (ALGORITHMS.md section 2 and the backward
 // derived in mixture.py), per channel, so a call needs no small torch ops around it. ----
 
@@ -1041,21 +892,13 @@ void track_running(const MixArgs& a, int64_t c0, int64_t c1) {
 // and A, running averages, output. Channels are independent, so a thread needs no other's results.
 template <typename T, int K>
 struct ForwardPass {
-  template <int Mode>
-  static void stats_pass(const MixArgs& a, int64_t c0, int64_t c1) {
-    a.P == 1 ? stats_flat<T, K, Mode>(a, c0, c1) : stats<T, K, Mode>(a, c0, c1);
-  }
-  template <int Mode>
-  static void apply_pass(const MixArgs& a, int64_t c0, int64_t c1) {
-    a.P == 1 ? apply_flat<T, K, Mode>(a, c0, c1) : apply<T, K, Mode>(a, c0, c1);
-  }
   static void run(const MixArgs& a, int64_t c0, int64_t c1) {
     if (a.parametrised) parametrise<T>(a, c0, c1);
     logit_terms<T>(a, c0, c1);
-    if (a.sums) a.tau ? stats_pass<kStore>(a, c0, c1) : stats_pass<kRecompute>(a, c0, c1);
+    if (a.sums) a.tau ? stats<T, K, kStore>(a, c0, c1) : stats<T, K, kRecompute>(a, c0, c1);
     output_tables<T>(a, c0, c1);
     if (a.sums && a.running_mean) track_running<T>(a, c0, c1);
-    a.tau ? apply_pass<kLoad>(a, c0, c1) : apply_pass<kRecompute>(a, c0, c1);
+    a.tau ? apply<T, K, kLoad>(a, c0, c1) : apply<T, K, kRecompute>(a, c0, c1);
   }
 };
 
@@ -1066,10 +909,9 @@ template <typename T, int K>
 struct BackwardPass {
   template <bool Params, int Mode>
   static void passes(const MixArgs& a, int64_t c0, int64_t c1) {
-    a.P == 1 ? apply_backward_flat<T, K, Params, Mode>(a, c0, c1) : apply_backward<T, K, Params, Mode>(a, c0, c1);
+    apply_backward<T, K, Params, Mode>(a, c0, c1);
     sums_gradient<T>(a, c0, c1);
-    if (a.sums)
-      a.P == 1 ? stats_backward_flat<T, K, Params, Mode>(a, c0, c1) : stats_backward<T, K, Params, Mode>(a, c0, c1);
+    if (a.sums) stats_backward<T, K, Params, Mode>(a, c0, c1);
   }
   template <bool Params>
   static void passes(const MixArgs& a, int64_t c0, int64_t c1) {
