@@ -1,7 +1,7 @@
-"""The mixture transform's forward and backward, as a compiled CPU kernel or as torch ops.
+"""The mixture transform's autograd node: compiled (a C++ node over a CPU kernel) or torch ops.
 
-Both take ``x`` of shape (N, C, P) and a :class:`Tables` holding the per-channel 1-D
-Gaussian mixture (means ``mu`` (K, C), weights λ (G, K, C), variances σ² (K, C)), where
+:func:`transform` takes ``x`` of shape (N, C, P) and the per-channel 1-D Gaussian mixture
+of :class:`Tables` (means ``mu`` (K, C), weights λ (G, K, C), variances σ² (K, C)), where
 sample n uses the weights of its group ``ctx[n]`` (group 0 when ``ctx`` is None). λ and σ²
 are given either directly or as UAN's parameters (``floors`` set):
 ``λ = w + (1 - K w) softmax_k(prior_logits)``, ``σ² = softplus(raw_var) + min_var``
@@ -9,11 +9,11 @@ are given either directly or as UAN's parameters (``floors`` set):
 With ``h = 1 / (2 σ²)`` and ``lc = log λ - ½ log(2π σ²)``, the responsibilities are
 ``tau_k = softmax_k(lc_k - h_k (x - mu_k)^2)``. The formulas are in ``mixture.py``.
 
-- ``forward``: the tables; the shift s (C,) = each channel's first value and the sums
+- Forward: the tables; the shift s (C,) = each channel's first value and the sums
   S (3, K, C) over positions of tau_k * {1, x - s, (x - s)^2}; α, δ² from them (or given);
   A = γ λ^(-1/2) (δ² + ε)^(-1/2); y = β + Σ_k tau_k A[g, k] (x - α_k); and, if asked, the
   running averages of α and δ² updated in place.
-- ``backward``: the output pass (the input gradient's direct part and reductions
+- Backward: the output pass (the input gradient's direct part and reductions
   E0, E1, L0, R1, R2), the gradient of S, the stats pass's part of the input gradient, and
   every parameter gradient.
 
@@ -22,12 +22,15 @@ version would all-reduce S (and the reductions); the kernel keeps those passes a
 its calls. The compiled kernel (``mixture_kernel.cpp``) recomputes tau in registers in each
 pass, so a pass reads x once, except that inputs whose tau fits in ``TAU_CACHE_BYTES`` keep
 the forward's first tau for the other three passes; it does the (K, C)-sized maths between
-passes itself: a layer is one call forward and one backward. It vectorizes along the positions of each
-(sample, channel) row when P > 1, and along the channels of each sample for (N, C, 1)
-inputs. It is built with the system C++ compiler on first use and cached in
-``$ADAMATCH_UAN_CACHE`` (default ``~/.cache/adamatch_uan``). It serves contiguous CPU
-float32/float64 inputs with K <= 8. Everything else, and every input when the environment
-sets ``ADAMATCH_UAN_KERNEL=0`` or no compiler is found, runs on the torch-ops backend.
+passes itself. Its node (``mixture_node.cpp``) is a C++ autograd Function, so a layer costs
+one call from Python forward and one backward. The passes work on blocks of one vector
+register: positions of a (sample, channel) row when P > 1, channels of a sample for
+(N, C, 1) inputs. Both files are built with torch's cpp_extension (the system C++ compiler
+and ninja) on first use and cached in ``$ADAMATCH_UAN_CACHE`` (default
+``~/.cache/adamatch_uan``). The node serves contiguous CPU float32/float64 inputs with
+K <= 8. Everything else, and every input when the environment sets
+``ADAMATCH_UAN_KERNEL=0`` or the build fails (with a warning), runs on the torch-ops
+backend below, which materialises (N, K, C, P) tensors.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ TAU_CACHE_BYTES = 4 << 20
 
 
 class Tables(NamedTuple):
-    """What every call reads besides x, each contiguous in the compute dtype: groups ``ctx``
+    """What the transform reads besides x, each contiguous in the compute dtype: groups ``ctx``
     (N,) or None; ``mu`` (K, C); ``weight_param`` (G, K, C) and ``var_param`` (K, C), which
     are log λ and σ² when ``floors`` is None, and UAN's prior logits and softplus
     pre-activation when ``floors = (min_weight, min_var)``; γ, β (C,); ε."""
@@ -75,10 +78,9 @@ class Tables(NamedTuple):
 
 
 class Stats(NamedTuple):
-    """What ``forward`` computed and ``backward`` reuses: log λ (G, K, C), σ², h (K, C),
-    lc (G, K, C), the shift (C,) and sums (3, K, C) (None with given statistics), α and δ²
-    (K, C), the output scales A (G, K, C), and the kernel's cache of the responsibilities
-    (None when they are recomputed)."""
+    """What the torch-ops forward computed and its backward reuses: log λ (G, K, C), σ², h
+    (K, C), lc (G, K, C), the shift (C,) and sums (3, K, C) (None with given statistics), α
+    and δ² (K, C), and the output scales A (G, K, C)."""
 
     log_weight: Tensor
     var: Tensor
@@ -163,8 +165,9 @@ def kernel_available() -> bool:
 
 
 def _uses_kernel(x: Tensor, mu: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-            and mu.shape[0] <= 8 and _extension() is not None)
+    # K <= kMaxK of mixture_kernel.h.
+    return (x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() and mu.shape[0] <= 8
+            and _extension() is not None)
 
 
 def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float, float] | None,
@@ -187,6 +190,8 @@ def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float
     return _TorchTransform.apply(x, context, eps, floors, running, want_stats, weight_param, mu, var_param, gamma,
                                  beta, alpha, delta2)
 
+
+# ---- torch-ops backend: the same passes, materialising (N, K, C, P) tensors ----
 
 class _TorchTransform(Function):
     """The torch-ops backend's node: ``_forward_torch``, then ``_backward_torch``."""
@@ -224,8 +229,6 @@ def _track(stats: Stats, running: Running) -> None:
     mean.lerp_(stats.alpha.to(mean.dtype), momentum)
     var.lerp_((stats.delta2 * count / (count - 1).clamp_min(1)).to(var.dtype), momentum)
 
-
-# ---- torch-ops backend: the same passes, materialising (N, K, C, P) tensors ----
 
 def _responsibilities(x: Tensor, t: Tables, s: Stats) -> tuple[Tensor, Tensor]:
     table = s.lc[t.ctx] if t.ctx is not None else s.lc.expand(x.shape[0], -1, -1)

@@ -12,20 +12,21 @@
 // between OpenMP threads; built with -fopenmp, the kernel binds to the libgomp that torch
 // has already loaded, so it shares torch's thread pool.
 //
-// Spatial inputs (P > 1): positions are processed in blocks of one vector register (L lanes)
-// with per-lane accumulators kept across rows, so short rows (small P) pay no horizontal
-// reduction per row; lanes are flushed into double totals every few rows and whenever the
-// group changes. Flat inputs (P == 1, x is (N, C)): the SIMD loop runs across the channels
-// of a sample, each lane with its own channel's tables and accumulators.
+// Every pass works on blocks of one vector register (gcc's vector types), each taken down
+// a chunk of rows with its tables and reductions in registers: positions of a (sample,
+// channel) row for spatial inputs (P > 1), channels of a sample for flat inputs (P == 1,
+// x is (N, C)); the lanes are flushed into double totals after every chunk. Rows are
+// visited group by group, and what is left of a row or channel range after the full
+// vectors runs the same code on single elements.
 //
-// Two exported calls, each over channel ranges split between threads, each thread doing
-// every step for its channels (no step needs another channel's results):
+// Two calls (mixture_kernel.h), each over channel ranges split between threads, each
+// thread doing every step for its channels (no step needs another channel's results):
 // mix_forward (UAN's parametrisation, the logit tables, the stats pass (shift and sums),
 // alpha, delta^2 and A, running averages, the output pass) and mix_backward (the output
 // pass's backward (input gradient and reductions), the gradient of the sums, the stats
 // pass's backward (the rest of the input gradient), every parameter gradient, the chain
-// through the parametrisation). The (K, C)-sized maths lives here too, so the Python side
-// issues no small torch ops around the calls.
+// through the parametrisation). The (K, C)-sized maths lives here too, so the autograd
+// node (mixture_node.cpp) issues no small torch ops around the calls.
 #include "mixture_kernel.h"
 
 #include <algorithm>
@@ -37,12 +38,12 @@
 #include <type_traits>
 #include <vector>
 
-// gcc's inliner gives up on some K in these deep loops; a call in the SIMD loop makes it
-// scalar (30x slower), so the per-element helpers are always inlined.
+// gcc's inliner gives up on some K in these deep loops, and a call inside a block's row
+// loop would spill its registers, so the per-element helpers are always inlined.
 #define MIX_INLINE inline __attribute__((always_inline))
 // Loops over components are unrolled so per-element arrays (t[K], ...) live in registers.
 #define MIX_UNROLL _Pragma("GCC unroll 8")
-// Each pass is compiled on its own: inlined into the dispatch switch, some K lose SIMD.
+// Each pass is a function of its own, which keeps gcc's inlining decisions (and profiles) per pass.
 #define MIX_PASS __attribute__((noinline))
 
 namespace {
@@ -52,10 +53,10 @@ constexpr int kLanes = 64 / sizeof(T);
 // Rows summed in lanes before a flush to double: bounds float accumulation error.
 constexpr int kFlushRows = 8;
 
-// ---- Value types. The per-element maths below runs on scalars T (the spatial layout,
-// which gcc vectorizes along positions with omp simd) and on Vec<T>, gcc's explicit
-// vector of one cache line (the flat layout, whose reductions must stay in registers
-// across rows, which omp simd loops cannot express). Elem<V> is V's scalar type. ----
+// ---- Value types. The per-element maths below runs on Vec<T>, gcc's explicit vector of
+// one cache line (a block of lanes whose reductions stay in registers across rows, which
+// gcc's auto-vectorized omp simd loops kept in memory), and on scalars T (what is left
+// after the full vectors). Elem<V> is V's scalar type. ----
 
 template <typename T>
 struct VecOf {
