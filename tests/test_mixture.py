@@ -46,6 +46,14 @@ def test_given_statistics_replace_batch_statistics(backend):
     torch.testing.assert_close(y, transform(x, lw, mu, var, gamma, beta, 1e-5, stats=stats))
 
 
+def test_batch_statistics_are_returned_only_when_asked(backend):
+    x, lw, mu, var, gamma, beta, _ = random_problem()
+    y, batch = mixture_normalize(x, Mixture(lw, mu, var), gamma, beta, 1e-5)
+    y_alone, none = mixture_normalize(x, Mixture(lw, mu, var), gamma, beta, 1e-5, batch_stats=False)
+    assert none is None and batch.count.shape == batch.mean.shape == batch.var.shape == (3, 3)
+    torch.testing.assert_close(y_alone, y, rtol=0, atol=0)
+
+
 def test_gradcheck_with_given_statistics(backend):
     x, lw, mu, var, gamma, beta, context = random_problem(N=4, C=2, spatial=(3,), G=2)
     alpha, delta2 = torch.randn(3, 2, dtype=x.dtype), torch.rand(3, 2, dtype=x.dtype) + 0.1
