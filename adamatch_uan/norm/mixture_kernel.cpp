@@ -123,32 +123,39 @@ MIX_INLINE Elem<V> lane(V v, int j) {
   }
 }
 
-// floor and sqrt lane by lane: gcc turns each loop into one vector instruction.
+// f applied lane by lane (to v itself for a scalar). For floor and sqrt gcc turns the loop
+// into one vector instruction; double vectors take libm's exp and logs lane by lane (they
+// serve float64, the reference precision, not speed).
+template <typename V, typename F>
+MIX_INLINE V lanewise(V v, F&& f) {
+  if constexpr (kIsVec<V>) {
+    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) v[j] = f(v[j]);
+    return v;
+  } else {
+    return f(v);
+  }
+}
+
 template <typename V>
 MIX_INLINE V vfloor(V x) {
-  if constexpr (kIsVec<V>) {
-    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) x[j] = std::floor(x[j]);
-    return x;
-  } else {
-    return std::floor(x);
-  }
+  return lanewise(x, [](Elem<V> e) { return std::floor(e); });
 }
 
 template <typename V>
 MIX_INLINE V vsqrt(V x) {
-  if constexpr (kIsVec<V>) {
-    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) x[j] = std::sqrt(x[j]);
-    return x;
-  } else {
-    return std::sqrt(x);
-  }
+  return lanewise(x, [](Elem<V> e) { return std::sqrt(e); });
 }
+
+// The int32 type of V's shape, for the bits of float values.
+template <typename V>
+using Bits = std::conditional_t<kIsVec<V>, Vec<int32_t>, int32_t>;
 
 // exp for arguments <= 0 (logits minus their max). Cephes-style polynomial, relative
 // error ~1e-7, below float32 resolution of the softmax; written once for float and
 // Vec<float>.
-template <typename V, typename I>
+template <typename V>
 MIX_INLINE V exp_nonpositive(V x) {
+  using I = Bits<V>;
   const V lo = V{} - 87.0f;
   x = x < lo ? lo : x;
   const V t = x * 1.44269504088896341f + 0.5f;
@@ -163,24 +170,21 @@ MIX_INLINE V exp_nonpositive(V x) {
   std::memcpy(&scale, &bits, sizeof(V));
   return y * scale;
 }
+
 template <typename V>
 MIX_INLINE V vexp(V x) {
-  if constexpr (std::is_same_v<V, float>) {
-    return exp_nonpositive<float, int32_t>(x);
-  } else if constexpr (std::is_same_v<V, Vec<float>>) {
-    return exp_nonpositive<Vec<float>, Vec<int32_t>>(x);
-  } else if constexpr (std::is_same_v<V, double>) {
-    return std::exp(x);
+  if constexpr (std::is_same_v<Elem<V>, float>) {
+    return exp_nonpositive(x);
   } else {
-    for (int j = 0; j < kLanes<double>; ++j) x[j] = std::exp(x[j]);
-    return x;
+    return lanewise(x, [](double e) { return std::exp(e); });
   }
 }
 
 // log for positive normal x. Cephes logf: x = 2^e m with m in [sqrt(1/2), sqrt(2)),
 // log x = e ln 2 + log m, log m a polynomial in m - 1; relative error ~1e-7.
-template <typename V, typename I>
+template <typename V>
 MIX_INLINE V log_positive(V x) {
+  using I = Bits<V>;
   I bits;
   std::memcpy(&bits, &x, sizeof(V));
   const I mantissa = (bits & 0x007fffff) | 0x3f000000;  // m in [0.5, 1)
@@ -196,17 +200,13 @@ MIX_INLINE V log_positive(V x) {
   y += -2.12194440e-4f * e - 0.5f * z;
   return m + y + 0.693359375f * e;
 }
+
 template <typename V>
 MIX_INLINE V vlog(V x) {
-  if constexpr (std::is_same_v<V, float>) {
-    return log_positive<float, int32_t>(x);
-  } else if constexpr (std::is_same_v<V, Vec<float>>) {
-    return log_positive<Vec<float>, Vec<int32_t>>(x);
-  } else if constexpr (std::is_same_v<V, double>) {
-    return std::log(x);
+  if constexpr (std::is_same_v<Elem<V>, float>) {
+    return log_positive(x);
   } else {
-    for (int j = 0; j < kLanes<double>; ++j) x[j] = std::log(x[j]);
-    return x;
+    return lanewise(x, [](double e) { return std::log(e); });
   }
 }
 
@@ -216,19 +216,13 @@ MIX_INLINE V vlog(V x) {
 template <typename V>
 MIX_INLINE V vlog1p(V u) {
   if constexpr (std::is_same_v<Elem<V>, double>) {
-    if constexpr (kIsVec<V>) {
-      for (int j = 0; j < kLanes<double>; ++j) u[j] = std::log1p(u[j]);
-      return u;
-    } else {
-      return std::log1p(u);
-    }
+    return lanewise(u, [](double e) { return std::log1p(e); });
   } else {
     V v = u + 1.0f;
     __asm__("" : "+m"(v));
     return vlog(v) + (u - (v - 1.0f)) / v;
   }
 }
-
 
 template <typename V, int K, typename Tab>
 MIX_INLINE void responsibilities(V xv, const Tab& m, const Tab& hh, const Tab& l0, V* t) {
