@@ -472,8 +472,8 @@ MIX_INLINE void for_block(const MixArgs& a, const RowOrder& o, const Block& b, F
   }
 }
 
-// Entry i of a per-channel array for the lanes of a block at entry i: one channel per lane
-// (flat) or channel i's entry broadcast (spatial).
+// A table's entries for a block's lanes, from entry i: i, i + 1, ... (flat: one channel
+// per lane) or entry i broadcast (spatial: every lane in channel i's row).
 template <bool Spatial, typename V>
 MIX_INLINE V lanes_at(const void* t, int64_t i) {
   const Elem<V>* p = static_cast<const Elem<V>*>(t) + i;
