@@ -46,6 +46,15 @@ def test_given_statistics_replace_batch_statistics(backend):
     torch.testing.assert_close(y, transform(x, lw, mu, var, gamma, beta, 1e-5, stats=stats))
 
 
+def test_differentiating_twice_is_refused(backend):
+    x, lw, mu, var, gamma, beta, _ = random_problem()
+    x = x.requires_grad_()
+    y, _ = mixture_normalize(x, Mixture(lw, mu, var), gamma, beta, 1e-5)
+    with pytest.raises(RuntimeError, match="differentiate.* twice"):
+        (grad,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        grad.sum().backward()
+
+
 def test_batch_statistics_are_returned_only_when_asked(backend):
     x, lw, mu, var, gamma, beta, _ = random_problem()
     y, batch = mixture_normalize(x, Mixture(lw, mu, var), gamma, beta, 1e-5)

@@ -173,6 +173,9 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The gradients below carry no graph (as torch's once_differentiable says of Python nodes).
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "the mixture transform cannot be differentiated twice (backward with create_graph=True)");
     const variable_list saved = ctx->get_saved_variables();
     const Inputs in{saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], saved[8]};
     const Tensor work = ctx->saved_data["work"].toTensor();
