@@ -7,23 +7,28 @@ written into the config before the classes are built, so YAML files can set the 
 Each run writes to its own directory (``--run_dir``, default ``runs/<time>-<source>-<target>-<norm>``):
 the resolved ``config.yaml``, CSV and TensorBoard logs, ``checkpoints/`` (last, best on the
 source validation accuracy — never target labels — and one written if the run stops on an
-exception), and at the very end ``results.json`` with the test metrics per set; a directory
-without ``results.json`` is an unfinished run. ``--ckpt_path PATH`` resumes a run.
+exception, unless the model then holds a NaN or Inf), and at the very end ``results.json`` with the test metrics per set; a directory
+without ``results.json`` is an unfinished run. ``--ckpt_path PATH`` resumes a run. The first
+non-finite loss or gradient stops the run with a message naming the step, loss term and
+layers (``callbacks.NonFiniteGuard``), and the command exits with status 1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 from adamatch_uan.data import DomainPairDataModule
 from adamatch_uan.methods import DomainAdaptationMethod
+from adamatch_uan.models.slots import describe
 
 METRICS = ("acc", "precision", "recall", "f1")
 
@@ -49,7 +54,8 @@ class FitCLI(LightningCLI):
         if config.run_dir is None:
             data = config.data
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            name = "-".join(str(s).split(":")[0] for s in (data.source, data.target, config.model.init_args.norm))
+            norm = describe(config.model.init_args.norm).replace("=", "-").replace(",", "+")
+            name = "-".join([*(str(s).split(":")[0] for s in (data.source, data.target)), norm])
             config.run_dir = str(Path("runs") / f"{stamp}-{name}")
         run = Path(config.run_dir)
         config.trainer.default_root_dir = str(run)
@@ -59,9 +65,11 @@ class FitCLI(LightningCLI):
         run = Path(self.config.run_dir)
         kwargs["logger"] = [CSVLogger(run, name="", version=""), TensorBoardLogger(run, name="", version="")]
         checkpoints = run / "checkpoints"
-        extra = [ModelCheckpoint(checkpoints, filename="best-{step}", monitor="val/source/acc", mode="max",
-                                 save_last=True),
-                 OnExceptionCheckpoint(checkpoints)]
+        # Lightning's save_last writes last.ckpt only when a best checkpoint is saved: a second callback,
+        # without a monitor, writes last.ckpt at every validation instead.
+        extra = [ModelCheckpoint(checkpoints, filename="best-{step}", monitor="val/source/acc", mode="max"),
+                 ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
+                 FiniteExceptionCheckpoint(checkpoints), NonFiniteGuard()]
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         kwargs["callbacks"] = [*configured, *extra]  # keyword callbacks would replace the configured ones
@@ -96,5 +104,14 @@ def main(args: list[str] | None = None) -> dict:
     return results
 
 
+def run() -> None:
+    """``python -m adamatch_uan.fit``: ``main``, ending with a short message and status 1 when training diverges."""
+    try:
+        main()
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    main()
+    run()

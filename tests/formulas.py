@@ -17,8 +17,9 @@ def responsibilities(x: Tensor, log_weight: Tensor, mean: Tensor, var: Tensor, c
 
 
 def transform(x: Tensor, log_weight: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor,
-              eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """y = γ Σ_k τ_k/sqrt(λ_k) (x − α_k)/sqrt(δ_k² + ε) + β with batch (or given) α, δ²; x (N, C, *)."""
+              eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
+              delta2_floor: Tensor | None = None) -> Tensor:
+    """y = γ Σ_k τ_k/sqrt(λ_k) (x − α_k)/sqrt(max(δ_k², floor_c) + ε) + β with batch (or given) α, δ²; x (N, C, *)."""
     shape = x.shape
     x = x.reshape(shape[0], shape[1], -1)
     tau = responsibilities(x, log_weight, mean, var, context)
@@ -28,6 +29,8 @@ def transform(x: Tensor, log_weight: Tensor, mean: Tensor, var: Tensor, gamma: T
         delta2 = (tau * (x.unsqueeze(1) - alpha.unsqueeze(-1)) ** 2).sum((0, 3)) / mass
     else:
         alpha, delta2 = stats
+    if delta2_floor is not None:
+        delta2 = torch.maximum(delta2, delta2_floor)
     lw = log_weight[context] if context is not None else log_weight[0].expand(x.shape[0], -1, -1)
     lam = lw.exp().unsqueeze(-1)
     parts = tau / lam.sqrt() * (x.unsqueeze(1) - alpha.unsqueeze(-1)) / (delta2.unsqueeze(-1) + eps).sqrt()

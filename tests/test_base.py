@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from adamatch_uan.methods import AdaMatch, SourceOnly
-from adamatch_uan.methods.base import lr_factor, weight_decay_groups
+from adamatch_uan.methods.base import lr_factor, optimizer_groups
 from adamatch_uan.models import make_backbone
 
 from conftest import quiet_trainer, toy_eval_batches, toy_train_batches
@@ -18,21 +18,25 @@ from conftest import quiet_trainer, toy_eval_batches, toy_train_batches
 @pytest.mark.parametrize("norm", ["bn", "uan", "uan_ctx", "mn"])
 def test_weight_decay_only_on_conv_and_linear_weights(backbone, norm):
     model = make_backbone(backbone, 10, norm=norm)
-    decay, rest = weight_decay_groups(model, 1e-3)
+    groups = optimizer_groups(model, 1e-3, lr=0.03, mixture_lr_scale=10)
+    decay, rest = groups[:2]
     assert decay["weight_decay"] == 1e-3 and rest["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     expected = {n for n, p in model.named_parameters() if n.endswith("weight") and ".layer." not in n}
     assert decayed == expected
     assert all(n.endswith("bias") or ".layer." in n for n in (names[id(p)] for p in rest["params"]))
-    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    mixture = {names[id(p)] for g in groups[2:] for p in g["params"]}
+    assert mixture == {n for n in names.values() if n.rsplit(".", 1)[-1] in ("mean", "raw_var", "prior_logits")}
+    assert all(g["lr"] == pytest.approx(0.3) and g["weight_decay"] == 0.0 for g in groups[2:]) and len(groups) == (3 if mixture else 2)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_weight_decay_groups_refuse_a_non_partition():
+def test_optimizer_groups_refuse_a_non_partition():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     model[1].weight = model[0].weight  # the same tensor twice
     with pytest.raises(RuntimeError, match="partition"):
-        weight_decay_groups(model, 1e-3)
+        optimizer_groups(model, 1e-3, lr=0.03)
 
 
 def test_lr_schedule_matches_the_formula():

@@ -38,6 +38,24 @@ def test_forward_and_gradients_match_literal_formula(backend, G, spatial):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_variance_floor_matches_the_formula_where_it_binds_and_where_not(backend, given):
+    x, lw, mu, var, gamma, beta, _ = random_problem(C=3)
+    x[:, 1] = 0.7  # a constant channel: every δ_k² is 0 there and its floor binds
+    stats = (torch.randn(3, 3, dtype=x.dtype), torch.tensor([[0.5, 0.0, 0.01]] * 3, dtype=x.dtype)) if given else None
+    floor = torch.tensor([1e-3, 0.05, 0.2], dtype=x.dtype)  # channel 2's floor binds only for some components
+    ours, ref = leaves(x, lw, mu, var, gamma, beta), leaves(x, lw, mu, var, gamma, beta)
+    y, _ = mixture_normalize(ours[0], Mixture(*ours[1:4]), ours[4], ours[5], 1e-5, stats=stats, delta2_floor=floor)
+    y_ref = transform(*ref, 1e-5, stats=stats, delta2_floor=floor)
+    torch.testing.assert_close(y, y_ref)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    (y_ref * upstream).sum().backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert y.abs().max() < 1e3  # the constant channel is scaled by at most floor^(-1/2)
+
+
 def test_given_statistics_replace_batch_statistics(backend):
     x, lw, mu, var, gamma, beta, _ = random_problem()
     stats = (torch.randn(3, 3, dtype=x.dtype), torch.rand(3, 3, dtype=x.dtype))

@@ -95,3 +95,32 @@ def test_gradients_flow_to_input_and_affine_not_into_em():
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="em_every"):
         MixtureNorm(3, em_every=0)
+
+
+def test_var_floor_keeps_em_variances_and_the_scale_relative_to_the_channel():
+    x = torch.zeros(32, 2, 8, 8)  # zero-padded digits: one constant value over most positions
+    x[:, :, 2:6, 2:6] = torch.randn(32, 2, 4, 4) * torch.tensor([1.0, 100.0]).view(1, 2, 1, 1)
+    upstream = torch.randn(32, 2, 8, 8)
+    channel_var = x.transpose(0, 1).reshape(2, -1).var(1, correction=0)
+    largest = {}
+    for floor in (0.0, 0.01):
+        layer = MixtureNorm(2, var_floor=floor, min_var=1e-12)
+        for _ in range(20):  # EM converges: a component on the spike (λ ≈ 3/4)
+            layer(x)
+        assert (layer.fit_weight.max(0).values > 0.7).all()
+        if floor:
+            assert (layer.fit_var >= 0.999 * floor * channel_var).all()
+            torch.testing.assert_close(layer.fit_channel_var, channel_var)
+        xg = x.clone().requires_grad_()
+        (layer(xg) * upstream).sum().backward()
+        largest[floor] = xg.grad.abs().amax((0, 2, 3)) * channel_var.sqrt()  # in units of the channel's scale
+    assert (largest[0.0] > 10 * largest[0.01]).all(), largest  # ≈ (v/ε)^½ on the spike: how MN diverged
+    assert (largest[0.01] < 1e2).all(), largest  # ≤ 1/sqrt(var_floor · λ) times BatchNorm's
+
+
+def test_the_first_fit_starts_spread_even_when_most_values_are_equal():
+    x = torch.zeros(16, 1, 8, 8)
+    x[:, :, :2] = torch.randn(16, 1, 2, 8)
+    layer = MixtureNorm(1)
+    layer(x)
+    assert layer.fit_mean.unique().numel() == 3  # quantiles would have started two components at 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from adamatch_uan.norm import UAN
-from adamatch_uan.norm.uan import spread_means
+from adamatch_uan.norm import UAN, frozen_stats
+from adamatch_uan.norm.mixture import spread_mixture
 
 from formulas import responsibilities, transform
 
@@ -30,7 +30,7 @@ def negative_log_likelihood(layer, x):
 
 def test_initial_components_spread_over_a_normalized_range():
     layer = UAN(4, num_components=3)
-    torch.testing.assert_close(layer.mean[:, 0], spread_means(3))
+    torch.testing.assert_close(layer.mean[:, 0], spread_mixture(3)[0])
     assert layer.mean[0, 0] < -0.9 and layer.mean[2, 0] > 0.9
     torch.testing.assert_close(layer.weights, torch.full((1, 3, 4), 1 / 3))
     mixture_var = (layer.var + layer.mean**2).mean(0)  # uniform λ, mean 0
@@ -100,7 +100,7 @@ def test_a_vanishing_weight_keeps_the_output_finite():
 
 @pytest.mark.parametrize("num_contexts", [None, 2])
 def test_gradcheck_through_the_whole_layer(backend, num_contexts):
-    layer = UAN(2, num_components=3, num_contexts=num_contexts).double()
+    layer = UAN(2, num_components=3, num_contexts=num_contexts, mixture_fit="gradient").double()  # a pure function
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -130,7 +130,7 @@ def test_learned_inference_uses_learned_mean_and_variance():
 
 
 def test_running_inference_uses_running_batch_statistics():
-    layer = UAN(3, inference="running", momentum=0.5)
+    layer = UAN(3, inference="running", momentum=0.5, mixture_fit="gradient", var_floor=0.0)
     x = torch.randn(8, 3, 4, 4) * 2 + 1
     before_mean, before_var = layer.running_mean.clone(), layer.running_var.clone()
     layer(x)
@@ -148,14 +148,14 @@ def test_running_inference_uses_running_batch_statistics():
 
 
 def test_context_changes_the_output_only_through_its_weights():
-    layer = UAN(3, num_contexts=2)
+    layer = UAN(3, num_contexts=2, mixture_fit="gradient")  # training forwards leave the mixture as it is
     x = torch.randn(8, 3, 4, 4)
     for training in (True, False):
         layer.train(training)
         torch.testing.assert_close(layer(x, torch.zeros(8, dtype=torch.long)), layer(x, torch.ones(8, dtype=torch.long)))
     with torch.no_grad():
         layer.prior_logits[1].add_(torch.randn(3, 3))
-    plain = UAN(3)
+    plain = UAN(3, mixture_fit="gradient")
     plain.load_state_dict({k: v[1:] if k == "prior_logits" else v for k, v in layer.state_dict().items()})
     for training in (True, False):
         layer.train(training), plain.train(training)
@@ -167,7 +167,7 @@ def test_context_changes_the_output_only_through_its_weights():
 
 
 def test_default_context_is_used_without_one():
-    layer = UAN(3, num_contexts=2, default_context=1)
+    layer = UAN(3, num_contexts=2, default_context=1, mixture_fit="gradient")
     with torch.no_grad():
         layer.prior_logits[1].add_(torch.randn(3, 3))
     x = torch.randn(8, 3, 4, 4)
@@ -185,3 +185,71 @@ def test_bad_configuration_and_context_are_clear_errors():
         UAN(3)(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"context ids in \[0, 2\)"):
         UAN(3, num_contexts=2)(torch.randn(4, 3), torch.full((4,), 2))
+
+
+def test_likelihood_fit_adds_the_weighted_nll_to_any_loss_backpropagated_through_the_layer():
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    upstream = torch.randn(8, 3, 4, 4)
+    fitted = UAN(3, mixture_fit="likelihood", likelihood_weight=0.5, fit_samples=10_000)
+    plain = UAN(3, mixture_fit="gradient")
+    plain.load_state_dict(fitted.state_dict())
+    (fitted(x) * upstream).sum().backward()
+    loss = (plain(x) * upstream).sum() + 0.5 * negative_log_likelihood(plain, x.transpose(0, 1).reshape(3, -1).T)
+    loss.backward()
+    # 128 positions < fit_samples: the NLL is the exact mean over all of them.
+    torch.testing.assert_close(fitted.last_nll, negative_log_likelihood(plain, x.transpose(0, 1).reshape(3, -1).T).detach())
+    for a, b in zip(fitted.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_momentum_fit_moves_the_mixture_towards_the_batch_and_frozen_stats_discards_it():
+    layer = UAN(3, mixture_fit="momentum", momentum=0.5, fit_samples=10_000)
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    lw, mean, var = (t.detach().clone() for t in layer.mixture())
+    with frozen_stats(layer):
+        layer(x)
+    for before, now in zip((lw, mean, var), layer.mixture()):
+        torch.testing.assert_close(now.detach(), before)
+    y = layer(x)
+    tau = responsibilities(x.flatten(2), lw, mean, var, None)  # the mixture before the write computed τ
+    mass = tau.sum((0, 3))
+    alpha = (tau * x.flatten(2).unsqueeze(1)).sum((0, 3)) / mass
+    delta2 = (tau * (x.flatten(2).unsqueeze(1) - alpha.unsqueeze(-1)) ** 2).sum((0, 3)) / mass
+    share = mass / mass.sum(0)  # 128 positions < fit_samples: every one is in the sample
+    torch.testing.assert_close(layer.mean.detach(), 0.5 * mean + 0.5 * alpha, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.var.detach(), 0.5 * var + 0.5 * delta2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weights.detach()[0], 0.5 * lw[0].exp() + 0.5 * share, rtol=1e-5, atol=1e-5)
+    y.sum().backward()  # the writes left the graph valid
+    assert layer.mean.grad is not None
+
+
+@pytest.mark.parametrize("mixture_fit", ["gradient", "likelihood", "momentum"])
+def test_var_floor_tames_a_component_on_a_spike(mixture_fit):
+    x = torch.full((16, 2, 6, 6), 0.25)  # a constant value over two thirds of the positions (zero padding)
+    x[:, :, :2] = torch.randn(16, 2, 2, 6)
+    upstream = torch.randn(16, 2, 6, 6)
+    largest = {}
+    for floor in (0.0, 0.01):
+        layer = UAN(2, mixture_fit=mixture_fit, var_floor=floor, eps=1e-8)
+        with torch.no_grad():  # a narrow component on the spike, as a fitted mixture puts there: δ² ≈ 0
+            layer.mean.copy_(torch.tensor([[-1.0, -1.0], [0.25, 0.25], [1.0, 1.0]]))
+            layer.raw_var[1].fill_(-20.0)
+        xg = x.clone().requires_grad_()
+        (layer(xg) * upstream).sum().backward()
+        largest[floor] = xg.grad.abs().max()
+    assert largest[0.01] < largest[0.0] / 4, largest
+
+
+def test_k1_with_a_var_floor_is_still_batchnorm():
+    layer = UAN(5, num_components=1, var_floor=0.01)
+    reference = torch.nn.BatchNorm2d(5)
+    x = torch.randn(8, 5, 6, 7) * 3 + 1
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_fit_options_are_validated():
+    with pytest.raises(ValueError, match="mixture_fit"):
+        UAN(3, mixture_fit="em")
+    with pytest.raises(ValueError, match="var_floor"):
+        UAN(3, var_floor=1.5)

@@ -1,4 +1,5 @@
-"""Lightning callbacks that look inside training: gradient variance and activation distributions.
+"""Lightning callbacks that look inside training (gradient variance, activation distributions, mixture
+traces) and one that stops a diverging run (``NonFiniteGuard``).
 
 On from the command line with ``--trainer.callbacks+=GradientVariance`` /
 ``--trainer.callbacks+=ActivationPlot`` (options as ``--trainer.callbacks.every_n_steps 25``
@@ -7,5 +8,8 @@ right after), or from YAML under ``trainer.callbacks`` as the headline configs d
 
 from adamatch_uan.callbacks.activation_plot import ActivationPlot
 from adamatch_uan.callbacks.gradient_variance import GradientVariance
+from adamatch_uan.callbacks.mixture_trace import MixtureTrace
+from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 
-__all__ = ["ActivationPlot", "GradientVariance"]
+__all__ = ["ActivationPlot", "FiniteExceptionCheckpoint", "GradientVariance", "MixtureTrace", "NonFiniteError",
+           "NonFiniteGuard"]

@@ -18,27 +18,31 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 
 from adamatch_uan.augment import Augment, to_model_input, to_unit
 from adamatch_uan.models import make_backbone
-from adamatch_uan.models.slots import NormAt
-from adamatch_uan.norm import SOURCE, TARGET, NormFactory
+from adamatch_uan.models.slots import NormAt, NormChoice
+from adamatch_uan.norm import SOURCE, TARGET, mixture_parameters
 
 _DECAYED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimiser groups by module type: conv/linear weights decay; norm parameters and biases don't.
+def optimizer_groups(model: nn.Module, weight_decay: float, lr: float, mixture_lr_scale: float = 1.0) -> list[dict]:
+    """Optimiser groups by module type: conv/linear weights decay; norm parameters and biases
+    don't; learned mixtures' parameters (``mixture_parameters``) don't and get ``lr · mixture_lr_scale``.
 
-    (A ``p.dim() >= 2`` rule would decay UAN's (K, C) parameters.)
+    (A ``p.dim() >= 2`` rule would decay UAN's (K, C) parameters.) Empty groups are left out.
 
     Raises:
         RuntimeError: if a trainable parameter is in no group or in two.
     """
     decay = [m.weight for m in model.modules() if isinstance(m, _DECAYED) and m.weight.requires_grad]
-    decay_ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in decay_ids]
+    mixture = [p for p in mixture_parameters(model) if p.requires_grad]
+    taken = {id(p) for p in decay} | {id(p) for p in mixture}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    if len(decay_ids) != len(decay) or decay_ids | {id(p) for p in rest} != trainable:
-        raise RuntimeError("weight-decay groups do not partition the trainable parameters")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if len(taken) != len(decay) + len(mixture) or taken | {id(p) for p in rest} != trainable:
+        raise RuntimeError("optimiser groups do not partition the trainable parameters")
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}, {"params": rest, "weight_decay": 0.0, "lr": lr},
+              {"params": mixture, "weight_decay": 0.0, "lr": lr * mixture_lr_scale}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_factor(step: int, total: int, decay: float) -> float:
@@ -68,12 +72,14 @@ class DomainAdaptationMethod(L.LightningModule):
     Args:
         backbone: a name from ``adamatch_uan.models.BACKBONES``.
         num_classes: classes.
-        norm: anything ``make_norm`` accepts ("bn", "mn", "uan", "uan_ctx", ...).
+        norm: anything ``make_norm`` accepts ("bn", "mn", "uan", "uan_ctx", ...), or a slot → norm
+            mapping such as ``{"input": "uan_ctx", "default": "bn"}`` (``models.slots.NormChoice``).
         norm_at: where norm layers go: "all", "input", "none" or a list of slot names.
         norm_options: options for every norm layer (e.g. ``{"num_components": 3}``).
         lr: base learning rate of SGD.
         lr_decay: lr(T)/lr(0) of the cosine schedule.
         momentum: SGD momentum (no Nesterov).
+        mixture_lr_scale: learned mixtures' parameters (UAN's λ, μ, σ²) train at ``lr`` times this.
         weight_decay: on conv/linear weights only.
         ema_decay: decay of the evaluated EMA model.
         flip: random horizontal flips in the weak view (off for digits).
@@ -85,9 +91,9 @@ class DomainAdaptationMethod(L.LightningModule):
             id for every set, as the authors evaluate).
     """
 
-    def __init__(self, backbone: str = "shallow_cnn", num_classes: int = 10, norm: str | NormFactory = "bn",
+    def __init__(self, backbone: str = "shallow_cnn", num_classes: int = 10, norm: NormChoice = "bn",
                  norm_at: NormAt = "all", norm_options: dict | None = None, lr: float = 0.03,
-                 lr_decay: float = 0.25, momentum: float = 0.9, weight_decay: float = 1e-3,
+                 lr_decay: float = 0.25, momentum: float = 0.9, mixture_lr_scale: float = 1.0, weight_decay: float = 1e-3,
                  ema_decay: float = 0.999, flip: bool = False, strong_ops: int = 2, cutout: int = 16,
                  image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
                  eval_contexts: Sequence[int] | None = None) -> None:
@@ -125,9 +131,10 @@ class DomainAdaptationMethod(L.LightningModule):
         return max(int(self.trainer.estimated_stepping_batches), 1)
 
     def configure_optimizers(self):
-        groups = weight_decay_groups(self.model, self.hparams.weight_decay)
-        optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=False)
-        total, decay = self.total_steps, self.hparams.lr_decay
+        hp = self.hparams
+        groups = optimizer_groups(self.model, hp.weight_decay, hp.lr, hp.mixture_lr_scale)
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=False)
+        total, decay = self.total_steps, hp.lr_decay
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from adamatch_uan.models.slots import NormAt, SlotBuilder
-from adamatch_uan.norm import NormFactory
+from adamatch_uan.models.slots import NormAt, NormChoice, SlotBuilder
 
 SLOTS = ("input", "norm1", "norm2", "norm3", "norm4")
 
@@ -18,9 +17,10 @@ class ShallowCNN(nn.Module):
 
     Args:
         num_classes: outputs.
-        norm: anything ``make_norm`` accepts.
+        norm: anything ``make_norm`` accepts, or a slot → norm mapping (``slots.NormChoice``),
+            e.g. ``{"input": "uan_ctx", "default": "bn"}``.
         norm_at: "all" (norm1..norm4), "input" (a norm on the input image), "none", or a
-            list of slot names from ``SLOTS``.
+            list of slot names from ``SLOTS``: where the norm (a mapping's "default") goes.
         norm_options: options for every norm layer.
         in_channels: input channels.
 
@@ -28,7 +28,7 @@ class ShallowCNN(nn.Module):
         x: (N, in_channels, 32, 32); context: (N,) ints or None; output (N, num_classes).
     """
 
-    def __init__(self, num_classes: int = 10, norm: str | NormFactory = "bn", norm_at: NormAt = "all",
+    def __init__(self, num_classes: int = 10, norm: NormChoice = "bn", norm_at: NormAt = "all",
                  norm_options: dict | None = None, in_channels: int = 3) -> None:
         super().__init__()
         slot = SlotBuilder(SLOTS, norm, norm_at, norm_options or {})

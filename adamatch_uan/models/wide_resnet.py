@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from adamatch_uan.models.slots import NormAt, NormSlot, SlotBuilder
-from adamatch_uan.norm import NormFactory
+from adamatch_uan.models.slots import NormAt, NormChoice, NormSlot, SlotBuilder
 
 
 def _act(x: Tensor) -> Tensor:
@@ -48,8 +47,10 @@ class WideResNet(nn.Module):
 
     Args:
         num_classes: outputs.
-        norm: anything ``make_norm`` accepts.
-        norm_at: "all", "input", "none", or a list of names from ``slot_names()``.
+        norm: anything ``make_norm`` accepts, or a slot → norm mapping (``slots.NormChoice``),
+            e.g. ``{"input": "uan_ctx", "default": "bn"}``.
+        norm_at: "all", "input", "none", or a list of names from ``slot_names()``: where the
+            norm (a mapping's "default") goes.
         norm_options: options for every norm layer.
         filters: width of the first scale.
         scales: number of scales (stride 2 between them).
@@ -60,7 +61,7 @@ class WideResNet(nn.Module):
         x: (N, in_channels, H, W); context: (N,) ints or None; output (N, num_classes).
     """
 
-    def __init__(self, num_classes: int = 10, norm: str | NormFactory = "bn", norm_at: NormAt = "all",
+    def __init__(self, num_classes: int = 10, norm: NormChoice = "bn", norm_at: NormAt = "all",
                  norm_options: dict | None = None, filters: int = 32, scales: int = 3, repeat: int = 4,
                  in_channels: int = 3) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from adamatch_uan.norm.batch import BatchNorm
-from adamatch_uan.norm.context import SOURCE, TARGET, frozen_stats, uses_context
+from adamatch_uan.norm.context import SOURCE, TARGET, frozen_stats, mixture_parameters, uses_context
 from adamatch_uan.norm.mixture import BatchStats, Mixture, mixture_normalize
 from adamatch_uan.norm.mn import MixtureNorm
 from adamatch_uan.norm.uan import UAN
@@ -30,6 +30,9 @@ NORMS: dict[str, NormFactory] = {
     "uan": UAN,
     # UAN with the domain as context: source = 0, target = 1 (ALGORITHMS.md §4).
     "uan_ctx": functools.partial(UAN, num_contexts=2),
+    # The paper's literal reading: the task gradient alone fits the mixture, no variance floor,
+    # evaluation with the learned μ, σ² (docs/RESULTS.md: it evaluates a mixture that describes nothing).
+    "uan_paper": functools.partial(UAN, mixture_fit="gradient", var_floor=0.0, inference="learned"),
     "none": _identity,
 }
 
@@ -59,4 +62,4 @@ def make_norm(norm: str | NormFactory, num_features: int, **options) -> nn.Modul
 
 
 __all__ = ["NORMS", "SOURCE", "TARGET", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "NormFactory", "UAN", "frozen_stats",
-           "list_norms", "make_norm", "mixture_normalize", "uses_context"]
+           "list_norms", "make_norm", "mixture_normalize", "mixture_parameters", "uses_context"]

@@ -65,7 +65,8 @@ class Tables(NamedTuple):
     """What the transform reads besides x, each contiguous in the compute dtype: groups ``ctx``
     (N,) or None; ``mu`` (K, C); ``weight_param`` (G, K, C) and ``var_param`` (K, C), which
     are log λ and σ² when ``floors`` is None, and UAN's prior logits and softplus
-    pre-activation when ``floors = (min_weight, min_var)``; γ, β (C,); ε."""
+    pre-activation when ``floors = (min_weight, min_var)``; γ, β (C,); ε; and the floor
+    (C,) of δ² or None (the transform normalizes by max(δ_k², floor_c) + ε)."""
 
     ctx: Tensor | None
     mu: Tensor
@@ -75,6 +76,7 @@ class Tables(NamedTuple):
     beta: Tensor
     eps: float
     floors: tuple[float, float] | None = None
+    delta2_floor: Tensor | None = None
 
 
 class Stats(NamedTuple):
@@ -172,12 +174,15 @@ def _uses_kernel(x: Tensor, mu: Tensor) -> bool:
 
 def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float, float] | None,
               running: Running | None, want_stats: bool, weight_param: Tensor, mu: Tensor, var_param: Tensor,
-              gamma: Tensor, beta: Tensor, alpha: Tensor | None, delta2: Tensor | None) -> tuple[Tensor, ...]:
+              gamma: Tensor, beta: Tensor, alpha: Tensor | None, delta2: Tensor | None,
+              delta2_floor: Tensor | None = None) -> tuple[Tensor, ...]:
     """The transform of ``x`` (N, C, P) as one autograd node, on the compiled kernel's node
     (``mixture_node.cpp``) when it serves the input, else on torch ops.
 
     The tables are those of :class:`Tables`, each contiguous in the dtype of x. α, δ² (K, C)
-    given, or None for batch statistics; then ``running`` averages are updated in place
+    given, or None for batch statistics; ``delta2_floor`` (C,), a constant, or None: the
+    transform normalizes by max(δ², floor) + ε. With batch statistics ``running`` averages
+    (of the unfloored α, δ²) are updated in place
     (r ← r + momentum (batch − r), δ² corrected by S0 / max(S0 − 1, 1), BatchNorm's
     n / (n − 1) at K = 1). Returns (y,), or with batch statistics and ``want_stats``
     (y, S0, α, δ²), the last three (K, C) and not differentiable.
@@ -185,10 +190,11 @@ def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float
     if _uses_kernel(x, mu):
         w, v = floors or (0.0, 0.0)
         mean, var, momentum = running or (None, None, 0.0)
-        return _extension().transform(x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2, mean, var,
-                                      eps, w, v, momentum, floors is not None, want_stats, TAU_CACHE_BYTES)
+        return _extension().transform(x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2,
+                                      delta2_floor, mean, var, eps, w, v, momentum, floors is not None, want_stats,
+                                      TAU_CACHE_BYTES)
     return _TorchTransform.apply(x, context, eps, floors, running, want_stats, weight_param, mu, var_param, gamma,
-                                 beta, alpha, delta2)
+                                 beta, alpha, delta2, delta2_floor)
 
 
 # ---- torch-ops backend: the same passes, materialising (N, K, C, P) tensors ----
@@ -198,8 +204,8 @@ class _TorchTransform(Function):
 
     @staticmethod
     def forward(ctx, x, context, eps, floors, running, want_stats, weight_param, mu, var_param, gamma, beta, alpha,
-                delta2):
-        tables = Tables(context, mu, weight_param, var_param, gamma, beta, eps, floors)
+                delta2, delta2_floor):
+        tables = Tables(context, mu, weight_param, var_param, gamma, beta, eps, floors, delta2_floor)
         given = None if alpha is None else (alpha, delta2)
         y, stats = _forward_torch(x, tables, given)
         if given is None and running is not None:
@@ -218,7 +224,8 @@ class _TorchTransform(Function):
         (x,) = ctx.saved_tensors
         need = ctx.needs_input_grad[6:]
         dx, grads = _backward_torch(gy.contiguous(), x, ctx.tables, ctx.stats, need_param_grads=any(need[:3]))
-        return dx, None, None, None, None, None, *(grad if needed else None for grad, needed in zip(grads, need))
+        return (dx, None, None, None, None, None, *(grad if needed else None for grad, needed in zip(grads, need)),
+                None)
 
 
 @torch.no_grad()
@@ -252,6 +259,10 @@ def _logit_reductions(dl: Tensor, d: Tensor, t: Tables) -> list[Tensor]:
     return [_group_sum((dl * d**i).sum(-1), t) for i in range(3)]
 
 
+def _floored(delta2: Tensor, t: Tables) -> Tensor:
+    return delta2 if t.delta2_floor is None else torch.maximum(delta2, t.delta2_floor)
+
+
 def _safe_moments(sums: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """S0 floored at sqrt(tiny) (an empty component gets α = s, δ² = 0), S1/S0, S2/S0."""
     safe = sums[0].clamp_min(torch.finfo(sums.dtype).tiny ** 0.5)
@@ -274,7 +285,7 @@ def _forward_torch(x: Tensor, t: Tables, given: tuple[Tensor, Tensor] | None) ->
     else:
         shift, sums = None, None
         alpha, delta2 = given
-    A = t.gamma * torch.exp(-0.5 * log_weight) * torch.rsqrt(delta2 + t.eps)
+    A = t.gamma * torch.exp(-0.5 * log_weight) * torch.rsqrt(_floored(delta2, t) + t.eps)
     y = t.beta.view(1, -1, 1) + (tau * _per_sample(A, t, x.shape[0]) * (x.unsqueeze(1) - alpha.unsqueeze(-1))).sum(1)
     return y, stats._replace(shift=shift, sums=sums, alpha=alpha, delta2=delta2, A=A)
 
@@ -293,6 +304,8 @@ def _backward_torch(gy: Tensor, x: Tensor, t: Tables, s: Stats, need_param_grads
     L0, R1, R2 = _logit_reductions(dl, d, t)
     g_alpha = -(s.A * E0).sum(0)
     g_delta2 = -0.5 * (E1 * s.A).sum(0) / (s.delta2 + t.eps)
+    if t.delta2_floor is not None:  # through max(δ², floor): none where the floor holds
+        g_delta2 = torch.where(s.delta2 < t.delta2_floor, 0.0, g_delta2)
     g_h, g_lc, g_mu = -R2.sum(0), L0, R1.sum(0)
     if s.sums is not None:  # the stats pass, through α, δ² to the sums
         count = s.sums[0]
@@ -306,7 +319,7 @@ def _backward_torch(gy: Tensor, x: Tensor, t: Tables, s: Stats, need_param_grads
         dx += (tau * (d1 + 2 * d2 * xt)).sum(1) - 2 * (dl * s.h.unsqueeze(-1) * d).sum(1)
         L0s, R1s, R2s = _logit_reductions(dl, d, t)
         g_h, g_lc, g_mu = g_h - R2s.sum(0), g_lc + L0s, g_mu + R1s.sum(0)
-    rstd = torch.rsqrt(s.delta2 + t.eps)
+    rstd = torch.rsqrt(_floored(s.delta2, t) + t.eps)
     g_log_weight = g_lc - 0.5 * E1 * s.A
     g_var = -0.5 * (g_h / s.var + g_lc.sum(0)) / s.var
     if t.floors:

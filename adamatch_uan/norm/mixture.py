@@ -87,7 +87,8 @@ class BatchStats(NamedTuple):
     var: Tensor
 
 
-def _validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
+def validate_context(context: Tensor | None, n: int, groups: int, device: torch.device) -> Tensor | None:
+    """Check per-sample context ids (N,) against ``groups`` tables; return them as int64 on ``device``."""
     if context is None:
         return None
     if context.shape != (n,) or context.dtype.is_floating_point or context.dtype == torch.bool:
@@ -99,10 +100,37 @@ def _validate_context(context: Tensor | None, n: int, groups: int, device: torch
     return context.to(device=device, dtype=torch.int64).contiguous()
 
 
+def spread_mixture(num_components: int) -> tuple[Tensor, float]:
+    """K means at the standard-normal quantiles Φ⁻¹((k + ½)/K) and the common variance
+    1 − mean_k μ_k² that gives the equal-weight mixture mean 0 and variance 1: a start spread
+    over a normalized activation's range, never two components alike."""
+    levels = (torch.arange(num_components, dtype=torch.float64) + 0.5) / num_components
+    means = torch.special.ndtri(levels)
+    return means.float(), float(1.0 - means.pow(2).mean())
+
+
+def sample_positions(x: Tensor, max_samples: int) -> tuple[Tensor, Tensor]:
+    """The values of x (N, C, P) at up to ``max_samples`` positions, the same positions for every channel.
+
+    All N·P positions when there are no more than ``max_samples``, else positions drawn
+    uniformly with replacement (an unbiased sample whatever the input's size).
+
+    Returns:
+        The sample each position belongs to (S,) and the values (S, C), detached.
+    """
+    n, c, p = x.shape
+    if n * p <= max_samples:
+        rows = torch.arange(n, device=x.device).repeat_interleave(p)
+        return rows, x.detach().transpose(1, 2).reshape(n * p, c)
+    picks = torch.randint(n * p, (max_samples,), device=x.device)
+    rows = picks // p
+    return rows, x.detach()[rows, :, picks % p]
+
+
 def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tensor | None, bias: Tensor | None,
                       eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
-                      running: kernel.Running | None = None,
-                      batch_stats: bool = True) -> tuple[Tensor, BatchStats | None]:
+                      running: kernel.Running | None = None, batch_stats: bool = True,
+                      delta2_floor: Tensor | None = None) -> tuple[Tensor, BatchStats | None]:
     """Apply the mixture normalizing transform of ALGORITHMS.md §2.
 
     Statistics and the output are computed in float32 (float64 stays float64) with autocast
@@ -120,6 +148,8 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
         running: (running α, running δ², momentum): with batch statistics, updated in place
             as r ← r + momentum (batch − r), δ² corrected by Σ τ / (Σ τ − 1).
         batch_stats: return the batch statistics (False skips making them for the caller).
+        delta2_floor: (C,) a floor of δ_k² (a constant to backpropagation), or None:
+            max(δ_k², floor_c) replaces δ_k² in y (not in the returned or running statistics).
 
     Returns:
         The normalized tensor (shape and dtype of x) and the batch statistics (None when
@@ -132,7 +162,7 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
         raise ValueError(f"Expected more than 1 value per channel in training to compute batch statistics, "
                          f"got input of shape {tuple(x.shape)}")
     floors = mixture[3:] if isinstance(mixture, LearnedMixture) else None
-    context = _validate_context(context, n, mixture[0].shape[0], x.device)
+    context = validate_context(context, n, mixture[0].shape[0], x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext():
         x3 = x.reshape(n, c, -1).to(compute).contiguous()
@@ -141,7 +171,7 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
         given = (None, None) if stats is None else stats
         # The kernel reads raw pointers: every table contiguous in the compute dtype.
         tensors = [t if t is None or (t.dtype == compute and t.is_contiguous()) else t.to(compute).contiguous()
-                   for t in (*mixture[:3], gamma, beta, *given)]
+                   for t in (*mixture[:3], gamma, beta, *given, delta2_floor)]
         out = kernel.transform(x3, context, eps, floors, running, batch_stats, *tensors)
     batch = BatchStats(*out[1:]) if len(out) > 1 else None
     return out[0].reshape(x.shape).to(x.dtype), batch

@@ -686,7 +686,10 @@ void sums_gradient(const MixArgs& a, int64_t c0, int64_t c1) {
         g_alpha -= A[g * KC + i] * E0[g * KC + i];
         g_delta2 -= T(0.5) * E1[g * KC + i] * A[g * KC + i];
       }
-      g_delta2 /= static_cast<const T*>(a.delta2)[i] + T(a.eps);
+      // Through max(delta^2, floor): no gradient where the floor holds.
+      const T d2 = static_cast<const T*>(a.delta2)[i];
+      const bool floored = a.delta2_floor && d2 < static_cast<const T*>(a.delta2_floor)[c];
+      g_delta2 = floored ? T(0) : g_delta2 / (d2 + T(a.eps));
       out.alpha[i] = g_alpha;
       out.delta2[i] = g_delta2;
       if (!a.sums) continue;
@@ -837,7 +840,7 @@ void logit_terms(const MixArgs& a, int64_t c0, int64_t c1) {
 }
 
 // alpha = shift + S1/S0, delta^2 = max(S2/S0 - (S1/S0)^2, 0) from the sums (unless given);
-// then scale[g,k] = lambda_gk^(-1/2) (delta_k^2 + eps)^(-1/2) and A = gamma scale.
+// then scale[g,k] = lambda_gk^(-1/2) (max(delta_k^2, floor_c) + eps)^(-1/2) and A = gamma scale.
 template <typename T>
 void output_tables(const MixArgs& a, int64_t c0, int64_t c1) {
   const int64_t K = a.K, C = a.C, KC = K * C;
@@ -853,7 +856,12 @@ void output_tables(const MixArgs& a, int64_t c0, int64_t c1) {
         store<V>(alpha + i, load<V>(static_cast<const T*>(a.shift) + c) + s.m1);
         store<V>(delta2 + i, var > T(0) ? var : V{});
       }
-      const V rstd = T(1) / vsqrt(load<V>(delta2 + i) + T(a.eps));
+      V d2 = load<V>(delta2 + i);
+      if (a.delta2_floor) {
+        const V floor = load<V>(static_cast<const T*>(a.delta2_floor) + c);
+        d2 = d2 < floor ? floor : d2;
+      }
+      const V rstd = T(1) / vsqrt(d2 + T(a.eps));
       for (int64_t g = 0; g < a.G; ++g) {
         const int64_t gi = g * KC + i;
         // lambda^(-1/2) = 1 / exp(log lambda / 2): log lambda <= 0 up to rounding.

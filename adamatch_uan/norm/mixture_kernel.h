@@ -18,6 +18,7 @@ struct MixArgs {
   const void* gamma;         // (C,)
   const void* beta;          // (C,)
   double eps;
+  const void* delta2_floor;  // (C,) floor of delta^2 (max(delta_k^2, floor_c) replaces delta_k^2), or null
   int64_t parametrised;      // lambda = w + (1 - K w) softmax_k(p), sigma^2 = softplus(r) + min_var
   double min_weight, min_var;
   void* log_weight;          // (G, K, C) log lambda: written by mix_forward when parametrised, else given
@@ -30,7 +31,7 @@ struct MixArgs {
   void* sums;                // (3, K, C) batch sums: written by mix_forward; null with given statistics
   void* alpha;               // (K, C) alpha_k: written from the sums, or given
   void* delta2;              // (K, C) delta_k^2: written from the sums, or given
-  void* scale;               // (G, K, C) lambda^(-1/2) (delta^2 + eps)^(-1/2): written by mix_forward
+  void* scale;               // (G, K, C) lambda^(-1/2) (max(delta^2, floor) + eps)^(-1/2): written by mix_forward
   void* A;                   // (G, K, C) output scales gamma * scale: written by mix_forward
   void* running_mean;        // (K, C) running alpha, updated in place by mix_forward; or null
   void* running_var;         // (K, C) running delta^2 (corrected by S0 / (S0 - 1)); or null

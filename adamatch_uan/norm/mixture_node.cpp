@@ -60,7 +60,8 @@ void* element(const Tensor& t, int64_t offset) {
 void* data(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 struct Inputs {
-  Tensor x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2;  // alpha, delta2: given, or undefined
+  // alpha, delta2: given, or undefined; delta2_floor (C,): or undefined
+  Tensor x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2, delta2_floor;
 };
 
 // The kernel's arguments common to both calls: inputs, options and the workspace's tables.
@@ -80,6 +81,7 @@ MixArgs make_args(const Inputs& in, const Tensor& work, const Layout& l, double 
   a.gamma = in.gamma.data_ptr();
   a.beta = in.beta.data_ptr();
   a.eps = eps;
+  a.delta2_floor = in.delta2_floor.defined() ? in.delta2_floor.data_ptr() : nullptr;
   a.parametrised = parametrised;
   a.min_weight = min_weight;
   a.min_var = min_var;
@@ -107,7 +109,8 @@ void check_inputs(const Inputs& in) {
   TORCH_CHECK(in.x.dim() == 3 && in.x.is_contiguous() && in.x.device().is_cpu(), "mixture node: x must be a contiguous CPU (N, C, P) tensor");
   TORCH_CHECK(in.x.scalar_type() == at::kFloat || in.x.scalar_type() == at::kDouble, "mixture node: x must be float32 or float64");
   TORCH_CHECK(in.mu.size(0) <= kMaxK, "mixture node: at most ", kMaxK, " components, got ", in.mu.size(0));
-  for (const Tensor* t : {&in.weight_param, &in.mu, &in.var_param, &in.gamma, &in.beta, &in.alpha, &in.delta2})
+  for (const Tensor* t : {&in.weight_param, &in.mu, &in.var_param, &in.gamma, &in.beta, &in.alpha, &in.delta2,
+                          &in.delta2_floor})
     TORCH_CHECK(!t->defined() || (t->scalar_type() == in.x.scalar_type() && t->is_contiguous()),
                 "mixture node: every table must be contiguous in the dtype of x");
   TORCH_CHECK(!in.context.defined() || (in.context.scalar_type() == at::kLong && in.context.is_contiguous()),
@@ -122,11 +125,12 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& context,
                                const Tensor& weight_param, const Tensor& mu, const Tensor& var_param,
                                const Tensor& gamma, const Tensor& beta, const std::optional<Tensor>& alpha,
-                               const std::optional<Tensor>& delta2, const std::optional<Tensor>& running_mean,
-                               const std::optional<Tensor>& running_var, double eps, double min_weight, double min_var,
-                               double momentum, bool parametrised, bool want_stats, int64_t tau_cache_bytes) {
+                               const std::optional<Tensor>& delta2, const std::optional<Tensor>& delta2_floor,
+                               const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                               double eps, double min_weight, double min_var, double momentum, bool parametrised,
+                               bool want_stats, int64_t tau_cache_bytes) {
     const Inputs in{x, context.value_or(Tensor()), weight_param, mu, var_param, gamma, beta,
-                    alpha.value_or(Tensor()), delta2.value_or(Tensor())};
+                    alpha.value_or(Tensor()), delta2.value_or(Tensor()), delta2_floor.value_or(Tensor())};
     check_inputs(in);
     const int64_t N = x.size(0), C = x.size(1), P = x.size(2), K = mu.size(0), G = weight_param.size(0);
     const bool batch = !in.alpha.defined();
@@ -156,7 +160,7 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
       running_var->lerp_((table(layout.delta2) * count / (count - 1).clamp_min(1)).to(running_var->scalar_type()),
                          momentum);
     }
-    ctx->save_for_backward({x, in.context, weight_param, mu, var_param, gamma, beta, in.alpha, in.delta2});
+    ctx->save_for_backward({x, in.context, weight_param, mu, var_param, gamma, beta, in.alpha, in.delta2, in.delta2_floor});
     ctx->saved_data["work"] = work;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["min_weight"] = min_weight;
@@ -177,7 +181,7 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "the mixture transform cannot be differentiated twice (backward with create_graph=True)");
     const variable_list saved = ctx->get_saved_variables();
-    const Inputs in{saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], saved[8]};
+    const Inputs in{saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], saved[8], saved[9]};
     const Tensor work = ctx->saved_data["work"].toTensor();
     const bool parametrised = ctx->saved_data["parametrised"].toBool();
     const bool need_param_grads = ctx->saved_data["need_param_grads"].toBool();
@@ -204,8 +208,8 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
     a.need_param_grads = need_param_grads;
     TORCH_CHECK(mix_backward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel backward failed");
     const Tensor none;
-    // One entry per forward argument: x, context, the tables, given alpha, delta^2,
-    // the running averages and the seven options.
+    // One entry per forward argument: x, context, the tables, given alpha, delta^2, the
+    // floor, the running averages and the seven options (the floor is a constant).
     return {dx,
             none,
             need_param_grads ? g_weight : none,
@@ -215,18 +219,19 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
             g_beta,
             given ? g_stats[0] : none,
             given ? g_stats[1] : none,
-            none, none, none, none, none, none, none, none, none};
+            none, none, none, none, none, none, none, none, none, none};
   }
 };
 
 variable_list transform(const Tensor& x, const std::optional<Tensor>& context, const Tensor& weight_param,
                         const Tensor& mu, const Tensor& var_param, const Tensor& gamma, const Tensor& beta,
                         const std::optional<Tensor>& alpha, const std::optional<Tensor>& delta2,
-                        const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, double eps,
-                        double min_weight, double min_var, double momentum, bool parametrised, bool want_stats,
-                        int64_t tau_cache_bytes) {
-  return MixtureNode::apply(x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2, running_mean,
-                            running_var, eps, min_weight, min_var, momentum, parametrised, want_stats, tau_cache_bytes);
+                        const std::optional<Tensor>& delta2_floor, const std::optional<Tensor>& running_mean,
+                        const std::optional<Tensor>& running_var, double eps, double min_weight, double min_var,
+                        double momentum, bool parametrised, bool want_stats, int64_t tau_cache_bytes) {
+  return MixtureNode::apply(x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2, delta2_floor,
+                            running_mean, running_var, eps, min_weight, min_var, momentum, parametrised, want_stats,
+                            tau_cache_bytes);
 }
 
 }  // namespace

@@ -3,13 +3,23 @@
 No public implementation exists; this one makes these choices:
 
 - EM per channel on a random subsample of at most ``max_samples`` positions (the same
-  positions for every channel), ``em_iters`` iterations in log space, every ``em_every``
-  training steps; between fits the last fit is reused (cheaper but staler).
+  positions for every channel, drawn with replacement), ``em_iters`` iterations in log
+  space, every ``em_every`` training steps; between fits the last fit is reused (cheaper
+  but staler).
 - Each fit is warm-started from the running mixture estimates; the very first fit starts
-  from the subsample's quantiles (means) and variance / K (variances), with uniform weights.
+  from ``spread_start``: uniform weights and the channel's mean and std spread as UAN's
+  initialisation (quantiles of the data would start several components on the same value
+  when most positions share one, as zero-padded digits do, and EM never separates them).
 - A component whose mass falls below 1e-6 of the subsample keeps its previous estimates;
   variances are floored at ``min_var`` and weights at ``min_weight`` (then renormalised),
   because §2 scales component k by 1/sqrt(λ_k).
+- Variances relative to the channel: EM's σ_k² and the transform's δ_k² are floored at
+  ``var_floor`` × the channel's variance (of the fit's subsample; its running average in
+  evaluation). EM fits the spikes of zero-padded digits (one constant value per channel
+  over most positions) with components of δ² ≈ 0, which the transform would scale by
+  1/sqrt(ε) with responsibilities that switch within 1e-3 of the spike: with the floor off
+  MN diverged on MNIST → USPS (docs/RESULTS.md). At K = 1 the floor never binds (it is
+  BatchNorm).
 - Running averages (momentum) of (λ, μ, σ²) and of (α, δ²) serve evaluation: τ from the
   running mixture, transform with the running α, δ².
 - Gradients flow through the transform (and through τ's dependence on x), never into EM.
@@ -22,14 +32,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from adamatch_uan.norm.mixture import Mixture, mixture_normalize
+from adamatch_uan.norm.mixture import Mixture, mixture_normalize, sample_positions, spread_mixture
 
 # A component whose share of the subsample falls below this keeps its previous estimates.
 _EMPTY_SHARE = 1e-6
 
 
 def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: int,
-           min_var: float, min_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+           min_var: float | Tensor, min_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """EM for a 1-D Gaussian mixture per channel, started from (weight, mean, var).
 
     E-step: log τ_k = log λ_k + log N(x; μ_k, σ_k²) − logsumexp_j(·).
@@ -40,7 +50,7 @@ def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: in
         samples: (C, M) float32 values per channel.
         weight, mean, var: (K, C) starting estimates.
         iters: EM iterations.
-        min_var: floor of σ².
+        min_var: floor of σ², a number or one per channel (C,).
         min_weight: floor of λ.
 
     Returns:
@@ -48,6 +58,7 @@ def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: in
     """
     x = samples.unsqueeze(0)  # (1, C, M)
     weight, mean, var = weight.clone(), mean.clone(), var.clone()
+    min_var = torch.as_tensor(min_var, dtype=samples.dtype, device=samples.device)
     for _ in range(iters):
         log_p = (torch.log(weight.clamp_min(torch.finfo(weight.dtype).tiny)).unsqueeze(-1)
                  - 0.5 * torch.log(2 * math.pi * var).unsqueeze(-1)
@@ -64,11 +75,13 @@ def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: in
     return weight / weight.sum(0, keepdim=True), mean, var
 
 
-def quantile_start(samples: Tensor, num_components: int, min_var: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Uniform weights, means at the (k + ½)/K quantiles, variance = sample variance / K; each (K, C)."""
-    levels = (torch.arange(num_components, dtype=samples.dtype, device=samples.device) + 0.5) / num_components
-    mean = torch.quantile(samples, levels, dim=1)
-    var = (samples.var(1, unbiased=False) / num_components).clamp_min(min_var).expand_as(mean).clone()
+def spread_start(samples: Tensor, num_components: int, min_var: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Uniform weights, μ_k = m + s Φ⁻¹((k + ½)/K) and σ_k² = s² (1 − mean_j Φ⁻¹(·)²) from the
+    channel's mean m and std s (the mixture then has the channel's mean and variance); each (K, C)."""
+    levels, spread = spread_mixture(num_components)
+    channel_mean, channel_var = samples.mean(1), samples.var(1, correction=0)
+    mean = channel_mean + channel_var.sqrt() * levels.to(samples).unsqueeze(1)
+    var = (channel_var * max(spread, 1e-3)).clamp_min(min_var).expand_as(mean).clone()
     return torch.full_like(mean, 1 / num_components), mean, var
 
 
@@ -86,6 +99,7 @@ class MixtureNorm(nn.Module):
         affine: learn γ, β.
         min_var: floor of the EM variances.
         min_weight: floor of the EM weights.
+        var_floor: EM's σ_k² and the transform's δ_k² are floored at this × the channel's variance.
 
     Shape:
         x: (N, C) or (N, C, *spatial); output has the same shape and dtype.
@@ -93,14 +107,15 @@ class MixtureNorm(nn.Module):
 
     def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5, momentum: float = 0.1,
                  em_iters: int = 3, em_every: int = 1, max_samples: int = 4096, affine: bool = True,
-                 min_var: float = 1e-3, min_weight: float = 1e-6) -> None:
+                 min_var: float = 1e-3, min_weight: float = 1e-6, var_floor: float = 0.01) -> None:
         super().__init__()
-        if num_components < 1 or em_iters < 1 or em_every < 1 or max_samples < 2:
-            raise ValueError(f"Expected num_components, em_iters, em_every >= 1 and max_samples >= 2, got "
-                             f"{num_components}, {em_iters}, {em_every}, {max_samples}")
+        if num_components < 1 or em_iters < 1 or em_every < 1 or max_samples < 2 or not 0 <= var_floor < 1:
+            raise ValueError(f"Expected num_components, em_iters, em_every >= 1, max_samples >= 2 and "
+                             f"0 <= var_floor < 1, got {num_components}, {em_iters}, {em_every}, {max_samples}, "
+                             f"{var_floor}")
         self.num_features, self.num_components = num_features, num_components
         self.eps, self.momentum, self.min_var, self.min_weight = eps, momentum, min_var, min_weight
-        self.em_iters, self.em_every, self.max_samples = em_iters, em_every, max_samples
+        self.em_iters, self.em_every, self.max_samples, self.var_floor = em_iters, em_every, max_samples, var_floor
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
         K, C = num_components, num_features
@@ -108,10 +123,15 @@ class MixtureNorm(nn.Module):
             self.register_buffer(f"{prefix}_weight", torch.full((K, C), 1 / K))
             self.register_buffer(f"{prefix}_mean", torch.zeros(K, C))
             self.register_buffer(f"{prefix}_var", torch.ones(K, C))
+        self.register_buffer("fit_channel_var", torch.ones(C))
+        self.register_buffer("running_channel_var", torch.ones(C))
         self.register_buffer("running_alpha", torch.zeros(K, C))
         self.register_buffer("running_delta2", torch.ones(K, C))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("num_fits", torch.tensor(0, dtype=torch.long))
+
+    def _floor(self, prefix: str) -> Tensor | None:
+        return self.var_floor * getattr(self, f"{prefix}_channel_var") if self.var_floor > 0 else None
 
     def _mixture(self, prefix: str) -> Mixture:
         weight = getattr(self, f"{prefix}_weight")
@@ -120,16 +140,19 @@ class MixtureNorm(nn.Module):
 
     @torch.no_grad()
     def _fit(self, x: Tensor) -> None:
-        values = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)  # (C, N·P)
-        if values.shape[1] > self.max_samples:
-            values = values[:, torch.randperm(values.shape[1], device=x.device)[: self.max_samples]]
-        if self.num_fits == 0:
-            start = quantile_start(values, self.num_components, self.min_var)
+        _, sampled = sample_positions(x.detach().float().reshape(*x.shape[:2], -1), self.max_samples)
+        values = sampled.T.contiguous()  # (C, S)
+        channel_var = values.var(1, correction=0)
+        min_var = (self.var_floor * channel_var).clamp_min(self.min_var)
+        first = bool(self.num_fits == 0)
+        if first:
+            start = spread_start(values, self.num_components, min_var)
         else:
             start = (self.running_weight, self.running_mean, self.running_var)
-        fit = em_fit(values, *start, iters=self.em_iters, min_var=self.min_var,
-                     min_weight=self.min_weight)
-        first = bool(self.num_fits == 0)
+        fit = em_fit(values, *start, iters=self.em_iters, min_var=min_var, min_weight=self.min_weight)
+        self.fit_channel_var.copy_(channel_var)
+        self.running_channel_var.copy_(channel_var) if first else self.running_channel_var.lerp_(channel_var,
+                                                                                                 self.momentum)
         for name, value in zip(("weight", "mean", "var"), fit):
             getattr(self, f"fit_{name}").copy_(value)
             running = getattr(self, f"running_{name}")
@@ -139,15 +162,18 @@ class MixtureNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             stats = (self.running_alpha, self.running_delta2)
-            return mixture_normalize(x, self._mixture("running"), self.weight, self.bias, self.eps, stats=stats)[0]
+            return mixture_normalize(x, self._mixture("running"), self.weight, self.bias, self.eps, stats=stats,
+                                     delta2_floor=self._floor("running"))[0]
         if x.dim() < 2:
             raise ValueError(f"Expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
         if self.num_batches_tracked % self.em_every == 0:
             self._fit(x)
         # The mixture is saved for backward: clone it, so a later in-place fit leaves the graph valid.
         fit = Mixture(*(t.clone() for t in self._mixture("fit")))
+        floor = self._floor("fit")  # a new tensor, as the fit's copies
         running = (self.running_alpha, self.running_delta2, self.momentum)
-        y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running, batch_stats=False)
+        y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running, batch_stats=False,
+                                 delta2_floor=floor)
         self.num_batches_tracked.add_(1)
         return y
 

@@ -8,15 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from adamatch_uan.norm.kernel import parametrise
-from adamatch_uan.norm.mixture import LearnedMixture, Mixture, mixture_normalize
+from adamatch_uan.norm.mixture import (LearnedMixture, Mixture, mixture_normalize, sample_positions, spread_mixture,
+                                       validate_context)
+from adamatch_uan.norm.mixture_fit import add_to_objective, component_shares, mixture_nll, stepwise_update
 
 Inference = Literal["learned", "running"]
-
-
-def spread_means(num_components: int) -> Tensor:
-    """Standard-normal quantiles Φ⁻¹((k + ½)/K): K means spread over a normalized activation's range."""
-    levels = (torch.arange(num_components, dtype=torch.float64) + 0.5) / num_components
-    return torch.special.ndtri(levels).float()
+MixtureFit = Literal["gradient", "likelihood", "momentum"]
+INFERENCES, MIXTURE_FITS = ("learned", "running"), ("gradient", "likelihood", "momentum")
 
 
 class UAN(nn.Module):
@@ -36,6 +34,21 @@ class UAN(nn.Module):
     averages of α_k and δ_k² (momentum as in BatchNorm; δ_k² is stored with the correction
     S0/(S0 − 1), which is BatchNorm's n/(n − 1) at K = 1).
 
+    How the mixture is fitted (``mixture_fit``, ``norm/mixture_fit.py``): ``"gradient"`` by
+    the task loss alone (the paper's text); ``"likelihood"`` adds ``likelihood_weight`` × the
+    NLL of the layer's detached input under its mixture to the objective (gradient-based EM,
+    estimated on ``fit_samples`` positions; the layer adds it itself, so any training
+    loop gets it); ``"momentum"`` also moves μ, σ² towards the batch's α, δ² (what the authors'
+    code effectively does) and λ towards the batch's component shares with ``momentum`` after
+    each training forward (stepwise EM; the writes are discarded under ``frozen_stats``, like
+    running statistics).
+
+    ``var_floor`` keeps any component from normalizing by less than sqrt(var_floor) of the
+    channel's std: a mixture that fits the activations puts components on their spikes
+    (zero-padded digits give every channel a constant value over most positions), whose δ²
+    ≈ 0 would scale by 1/sqrt(ε) (ALGORITHMS.md §2; docs/RESULTS.md). At K = 1 the floor never
+    binds (δ² is the channel's variance), so the layer is still BatchNorm.
+
     With ``num_contexts`` set, each context has its own λ_{ctx,k,c} (μ, σ² shared) and
     ``forward(x, context)`` takes a per-sample context id (N,) (or one int for the batch);
     without one, ``default_context`` (the source, 0) is used, in training and evaluation.
@@ -51,6 +64,12 @@ class UAN(nn.Module):
         affine: learn γ, β.
         min_var: floor of σ².
         min_weight: floor of λ (a numerical guard; 0 for the plain softmax).
+        mixture_fit: ``"gradient"``, ``"likelihood"`` or ``"momentum"``.
+        likelihood_weight: weight of the NLL term (``mixture_fit="likelihood"``).
+        fit_samples: positions sampled per training forward for the NLL term, the momentum
+            fit's component shares and the channel variance of ``var_floor``.
+        var_floor: δ_k² (σ_k² in learned inference) is floored at ``var_floor`` × the channel's
+            variance (the batch's in training, its running average in evaluation); 0: no floor.
 
     Shape:
         x: (N, C) or (N, C, *spatial); output has the same shape and dtype.
@@ -59,10 +78,18 @@ class UAN(nn.Module):
     def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5,
                  momentum: float = 0.1, inference: Inference = "learned", num_contexts: int | None = None,
                  default_context: int = 0, affine: bool = True, min_var: float = 1e-3,
-                 min_weight: float = 1e-6) -> None:
+                 min_weight: float = 1e-6, mixture_fit: MixtureFit = "momentum", likelihood_weight: float = 1.0,
+                 fit_samples: int = 4096, var_floor: float = 0.01) -> None:
         super().__init__()
-        if inference not in ("learned", "running"):
-            raise ValueError(f"Expected inference 'learned' or 'running', got {inference!r}")
+        if inference not in INFERENCES:
+            raise ValueError(f"Expected inference in {INFERENCES}, got {inference!r}; "
+                             f"use norm_options {{\"inference\": ...}}")
+        if mixture_fit not in MIXTURE_FITS:
+            raise ValueError(f"Expected mixture_fit in {MIXTURE_FITS}, got {mixture_fit!r}; "
+                             f"use norm_options {{\"mixture_fit\": ...}}")
+        if likelihood_weight < 0 or fit_samples < 2 or not 0 <= var_floor < 1:
+            raise ValueError(f"Expected likelihood_weight >= 0, fit_samples >= 2 and 0 <= var_floor < 1, got "
+                             f"{likelihood_weight}, {fit_samples}, {var_floor}")
         if num_components < 1:
             raise ValueError(f"Expected num_components >= 1, got {num_components}")
         if not 0 <= min_weight * num_components < 1:
@@ -73,8 +100,11 @@ class UAN(nn.Module):
         self.eps, self.momentum, self.inference = eps, momentum, inference
         self.min_var, self.min_weight = min_var, min_weight
         self.num_contexts, self.default_context = num_contexts, default_context
-        means = spread_means(num_components)
-        var = max(1.0 - float(means.pow(2).mean()), 2 * min_var)
+        self.mixture_fit, self.likelihood_weight, self.fit_samples = mixture_fit, likelihood_weight, fit_samples
+        self.var_floor = var_floor
+        self.last_nll: Tensor | None = None  # the latest training forward's NLL term (likelihood fit), for logging
+        means, var = spread_mixture(num_components)
+        var = max(var, 2 * min_var)
         K, C, G = num_components, num_features, num_contexts or 1
         self.prior_logits = nn.Parameter(torch.zeros(G, K, C))
         self.mean = nn.Parameter(means[:, None].repeat(1, C))
@@ -84,6 +114,7 @@ class UAN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(C)) if affine else None
         self.register_buffer("running_mean", self.mean.detach().clone())
         self.register_buffer("running_var", torch.full((K, C), var))
+        self.register_buffer("running_channel_var", torch.ones(C))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     @property
@@ -101,6 +132,14 @@ class UAN(nn.Module):
         """σ², (K, C), > min_var."""
         return parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)[2]
 
+    def mixture_parameters(self) -> list[nn.Parameter]:
+        """λ's logits, μ and σ²'s pre-activation (the optimiser may give them their own group)."""
+        return [self.prior_logits, self.mean, self.raw_var]
+
+    def written_parameters(self) -> list[nn.Parameter]:
+        """Parameters a training forward writes in place (``frozen_stats`` restores them)."""
+        return self.mixture_parameters() if self.mixture_fit == "momentum" else []
+
     def mixture(self) -> Mixture:
         """The mixture (log λ, μ, σ²) the parameters define."""
         _, log_weight, var = parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)
@@ -116,21 +155,47 @@ class UAN(nn.Module):
             context = self.default_context
         if isinstance(context, int):
             return torch.full((n,), context, dtype=torch.long, device=device)
-        return context
+        return validate_context(context, n, self.num_contexts, device)
 
     def forward(self, x: Tensor, context: Tensor | int | None = None) -> Tensor:
         context = self._context(context, x.shape[0], x.device)
-        # The transform differentiates through the parametrisation itself (one autograd node).
-        learned = LearnedMixture(self.prior_logits, self.mean, self.raw_var, self.min_weight, self.min_var)
         if self.training:
-            running = (self.running_mean, self.running_var, self.momentum)
-            y, _ = mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, running=running,
-                                     batch_stats=False)
-            self.num_batches_tracked.add_(1)
-            return y
+            return self._train_forward(x, context)
+        learned = LearnedMixture(self.prior_logits, self.mean, self.raw_var, self.min_weight, self.min_var)
         stats = (self.mean, self.var) if self.inference == "learned" else (self.running_mean, self.running_var)
-        return mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, stats)[0]
+        floor = self.var_floor * self.running_channel_var if self.var_floor > 0 else None
+        return mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, stats, delta2_floor=floor)[0]
+
+    def _train_forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        x3 = x.reshape(*x.shape[:2], -1) if x.dim() >= 2 else x
+        likelihood = self.mixture_fit == "likelihood" and self.likelihood_weight > 0 and torch.is_grad_enabled()
+        momentum = self.mixture_fit == "momentum"
+        floor = shares = None
+        if (likelihood or momentum or self.var_floor > 0) and x3.dim() == 3 and x3.shape[0] * x3.shape[2] >= 2:
+            rows, values = sample_positions(x3, self.fit_samples)
+            channel_var = values.to(torch.promote_types(values.dtype, torch.float32)).var(0, correction=0)
+            self.running_channel_var.lerp_(channel_var.to(self.running_channel_var.dtype), self.momentum)
+            floor = self.var_floor * channel_var if self.var_floor > 0 else None
+            _, log_weight, var = parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)
+            if likelihood:
+                nll = mixture_nll(values, rows, log_weight, self.mean, var, context)
+                self.last_nll = nll.detach()
+                x = add_to_objective(x, nll, self.likelihood_weight)
+            if momentum:
+                shares = component_shares(values, rows, log_weight, self.mean, var, context)
+        # Momentum writes the parameters in place below: the transform saves copies of them for its backward.
+        params = [p.clone() if momentum else p for p in self.mixture_parameters()]
+        # The transform differentiates through the parametrisation itself (one autograd node).
+        learned = LearnedMixture(*params, self.min_weight, self.min_var)
+        running = (self.running_mean, self.running_var, self.momentum)
+        y, batch = mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, running=running,
+                                     batch_stats=shares is not None, delta2_floor=floor)
+        if shares is not None:
+            stepwise_update(*self.mixture_parameters(), *shares, batch.mean, batch.var, self.momentum,
+                            self.min_weight, self.min_var)
+        self.num_batches_tracked.add_(1)
+        return y
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-                f"inference={self.inference!r}, num_contexts={self.num_contexts}")
+                f"inference={self.inference!r}, mixture_fit={self.mixture_fit!r}, num_contexts={self.num_contexts}")

@@ -1,0 +1,177 @@
+"""The domain-adaptation table: method × norm × seed through the real CLI, one run at a time, resumable.
+
+    python benchmarks/da_table.py --pair mnist_usps --seeds 0 1 2 [--rows bn uan ...] [--steps 500]
+    python benchmarks/da_table.py --pair mnist_usps --aggregate-only
+
+Each run is ``python -m adamatch_uan.fit --config configs/<pair>_<row>.yaml`` at the budget of
+docs/RESULTS.md (batch 32 source + 96 target images, ``--steps`` steps with the schedules
+spanning them, EMA 0.99, validation every 100 steps on 8 batches), seeded by
+``--seed_everything`` and ``--data.seed`` (model, augmentations, validation split and
+sampling all move with the seed). The test numbers are those of the checkpoint selected on
+*source* validation accuracy (``fit``'s best checkpoint; target labels are never used to
+select). Each run's summary is written to
+``benchmarks/results/da_table/<pair>-<steps>steps/<row>-seed<seed>.json`` (committed, so a
+sweep can span machines); a run whose summary exists is skipped, a run that stopped on a
+non-finite loss is recorded as diverged. The aggregate, mean ± sample std over seeds and
+every seed, goes to ``benchmarks/results/da_table_<pair>-<steps>steps.{json,md}`` and is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+USPS_NPZ = "USPS/usps_esl_16x16.npz"
+
+ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
+    "source_only": "source-only (BN), no adaptation",
+    "bn": "AdaMatch + BN",
+    "mn": "AdaMatch + MN (defaults)",
+    "uan": "AdaMatch + UAN (defaults)",
+    "uan_ctx": "AdaMatch + UAN, domain as context (defaults)",
+    "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
+}
+PAIRS = {  # pair -> data arguments given the data root
+    "mnist_usps": lambda root: ["--data.source", "mnist", "--data.target", f"npz:{Path(root) / USPS_NPZ}"],
+    "usps_mnist": lambda root: ["--data.source", f"npz:{Path(root) / USPS_NPZ}", "--data.target", "mnist"],
+}
+METRICS = ("acc", "f1")
+
+
+def budget(steps: int) -> list[str]:
+    return ["--data.batch_size", "32", "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "100",
+            "--trainer.limit_val_batches", "8", "--model.init_args.ema_decay", "0.99",
+            "--trainer.enable_progress_bar", "false"]
+
+
+def command(pair: str, row: str, seed: int, steps: int, data_root: str, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "adamatch_uan.fit", "--config", str(Path("configs") / f"{pair}_{row}.yaml"),
+            "--data.root", data_root, "--data.download", "false", *PAIRS[pair](data_root), *budget(steps),
+            "--seed_everything", str(seed), "--data.seed", str(seed), "--run_dir", str(run_dir)]
+
+
+def machine() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Path, out: Path) -> dict:
+    """Train and test one cell (unless its summary exists) and return its summary."""
+    path = out / f"{row}-seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    run_dir = runs / f"{pair}-{steps}steps" / f"{row}-seed{seed}"
+    if run_dir.exists() and not (run_dir / "results.json").exists():
+        shutil.rmtree(run_dir)  # an interrupted run starts again
+    args = command(pair, row, seed, steps, data_root, run_dir)
+    started = time.time()
+    done = None
+    if not (run_dir / "results.json").exists():
+        print("+", " ".join(args), flush=True)
+        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    summary = {"pair": pair, "row": row, "seed": seed, "steps": steps, "command": " ".join(args[1:]),
+               "minutes": round((time.time() - started) / 60, 2), "date": datetime.date.today().isoformat(),
+               "machine": machine()}
+    if (run_dir / "results.json").exists():
+        results = json.loads((run_dir / "results.json").read_text())
+        summary.update(status="finished", trained_steps=results["steps"], test=results["test"])
+    elif done is not None and "Non-finite" in done.stderr:
+        summary.update(status="diverged", error=done.stderr.strip().splitlines()[-12:])
+    else:
+        raise RuntimeError(f"{pair}/{row}/seed {seed} failed (status {done.returncode if done else '?'}):\n"
+                           f"{done.stderr[-3000:] if done else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(summaries: Iterable[dict]) -> dict[str, dict]:
+    """row -> {"seeds": [...], "diverged": [...], "<set>/<metric>": {"mean", "std", "values"}} over finished seeds.
+
+    std is the sample standard deviation (n − 1), 0 for one seed; values are in seed order.
+    """
+    table: dict[str, dict] = {}
+    for s in sorted(summaries, key=lambda s: (list(ROWS).index(s["row"]) if s["row"] in ROWS else len(ROWS),
+                                              s["row"], s["seed"])):
+        entry = table.setdefault(s["row"], {"seeds": [], "diverged": []})
+        if s["status"] != "finished":
+            entry["diverged"].append(s["seed"])
+            continue
+        entry["seeds"].append(s["seed"])
+        for name, metrics in s["test"].items():
+            for metric in METRICS:
+                entry.setdefault(f"{name}/{metric}", {"values": []})["values"].append(metrics[metric])
+    for entry in table.values():
+        for key, cell in entry.items():
+            if isinstance(cell, dict):
+                cell["mean"], cell["std"] = _mean_std(cell["values"])
+    return table
+
+
+def markdown(table: dict[str, dict], title: str) -> str:
+    """The table as markdown: mean ± std in % and every seed, target first."""
+    def cell(entry: dict, key: str, seeds: bool = False) -> str:
+        c = entry.get(key)
+        if not c:
+            return "—"
+        text = f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
+        return text + (f" ({', '.join(f'{100 * v:.1f}' for v in c['values'])})" if seeds else "")
+
+    lines = [f"**{title}**", "",
+             "| row | seeds | target acc % (each seed) | target macro F1 % | source acc % | diverged |",
+             "|---|---|---|---:|---:|---|"]
+    for row, entry in table.items():
+        lines.append(f"| {ROWS.get(row, row)} | {', '.join(map(str, entry['seeds']))} | "
+                     f"{cell(entry, 'target/acc', seeds=True)} | {cell(entry, 'target/f1')} | "
+                     f"{cell(entry, 'source/acc')} | {', '.join(map(str, entry['diverged'])) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=list(PAIRS), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "da_table"), help="where run directories go")
+    parser.add_argument("--aggregate-only", action="store_true", help="only aggregate the summaries there are")
+    args = parser.parse_args(argv)
+    tag = f"{args.pair}-{args.steps}steps"
+    out = RESULTS / "da_table" / tag
+    if not args.aggregate_only:
+        for seed in args.seeds:  # seed-major: a sweep cut short still has every row for its first seeds
+            for row in args.rows:
+                run_one(args.pair, row, seed, args.steps, str(Path(args.data_root).resolve()), Path(args.runs), out)
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    table = aggregate(summaries)
+    (RESULTS / f"da_table_{tag}.json").write_text(json.dumps(table, indent=1) + "\n")
+    text = markdown(table, f"{args.pair.replace('_', ' → ')} ({args.steps} steps, seeds as listed)")
+    (RESULTS / f"da_table_{tag}.md").write_text(text)
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()

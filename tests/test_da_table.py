@@ -1,0 +1,54 @@
+"""The DA sweep (benchmarks/da_table.py): aggregation, resumption, the command it runs."""
+
+import json
+import statistics
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import da_table  # noqa: E402
+
+
+def summary(row, seed, target, source=0.99, status="finished"):
+    s = {"pair": "mnist_usps", "row": row, "seed": seed, "steps": 500, "status": status}
+    if status == "finished":
+        s["test"] = {"source": {"acc": source, "f1": source - 0.01}, "target": {"acc": target, "f1": target - 0.02}}
+    return s
+
+
+def test_aggregation_gives_mean_sample_std_and_every_seed_in_order():
+    rows = [summary("uan", 2, 0.95), summary("bn", 1, 0.90), summary("bn", 0, 0.96), summary("bn", 2, 0.93),
+            summary("uan", 0, 0.97), summary("uan", 1, 0.0, status="diverged")]
+    table = da_table.aggregate(rows)
+    assert list(table) == ["bn", "uan"]  # the order of ROWS
+    bn = table["bn"]
+    assert bn["seeds"] == [0, 1, 2] and bn["target/acc"]["values"] == [0.96, 0.90, 0.93]
+    assert bn["target/acc"]["mean"] == pytest.approx(0.93)
+    assert bn["target/acc"]["std"] == pytest.approx(statistics.stdev([0.96, 0.90, 0.93]))
+    assert bn["target/f1"]["mean"] == pytest.approx(0.91) and bn["source/acc"]["std"] == pytest.approx(0.0)
+    assert table["uan"]["seeds"] == [0, 2] and table["uan"]["diverged"] == [1]
+    assert table["uan"]["target/acc"]["mean"] == pytest.approx(0.96)
+    text = da_table.markdown(table, "t")
+    assert "93.00 ± 3.00 (96.0, 90.0, 93.0)" in text and "| 1 |" in text
+
+
+def test_a_finished_cell_is_not_run_again(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bn-seed0.json").write_text(json.dumps(summary("bn", 0, 0.9)))
+    monkeypatch.setattr(da_table.subprocess, "run", lambda *a, **k: pytest.fail("ran a finished cell"))
+    assert da_table.run_one("mnist_usps", "bn", 0, 500, "data", tmp_path / "runs", out)["test"]["target"]["acc"] == 0.9
+
+
+def test_the_command_is_the_real_cli_with_the_budget_and_the_seed(tmp_path):
+    args = da_table.command("usps_mnist", "uan_input", 3, 500, "/data", tmp_path)
+    text = " ".join(args)
+    assert args[1:3] == ["-m", "adamatch_uan.fit"] and "configs/usps_mnist_uan_input.yaml" in text
+    assert "--data.source npz:/data/USPS/usps_esl_16x16.npz --data.target mnist" in text
+    assert "--seed_everything 3 --data.seed 3" in text and "--trainer.max_steps 500" in text
+    for pair in da_table.PAIRS:
+        for row in da_table.ROWS:
+            assert (ROOT / "configs" / f"{pair}_{row}.yaml").exists(), (pair, row)
