@@ -38,7 +38,7 @@ class FitCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--norm", type=str | None, default=None,
-                            help="Shortcut for --model.init_args.norm (bn, mn, uan, uan_ctx, none).")
+                            help="Shortcut for --model.init_args.norm (bn, mn, uan, uan_ctx, uan_paper, none).")
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Directory of this run (default: runs/<time>-<source>-<target>-<norm>).")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")

@@ -42,6 +42,7 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "uan": "AdaMatch + UAN (defaults)",
     "uan_ctx": "AdaMatch + UAN, domain as context (defaults)",
     "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
+    "uan_running": "AdaMatch + UAN, task-gradient fit, BatchNorm's rule (inference=\"running\")",
 }
 PAIRS = {  # pair -> data arguments given the data root
     "mnist_usps": lambda root: ["--data.source", "mnist", "--data.target", f"npz:{Path(root) / USPS_NPZ}"],

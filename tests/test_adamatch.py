@@ -67,7 +67,7 @@ def method_inputs(method, source=4, target=4):
 @pytest.mark.parametrize("norm", ["bn", "mn", "uan", "uan_ctx"])
 def test_source_only_pass_leaves_running_statistics_and_combined_pass_changes_them(norm):
     # Samples as large as the batch: every position, no random draw that the source-only pass would advance.
-    options = {"max_samples": 10**6} if norm == "mn" else {"fit_samples": 10**6} if norm.startswith("uan") else None
+    options = {"max_samples": 10**6} if norm != "bn" else None
     method = AdaMatch(num_classes=2, norm=norm, norm_options=options)
     method.train()
     source, target = method_inputs(method)

@@ -84,7 +84,7 @@ def mixture_images(n):
     return MEANS[k] + STDS[k] * torch.randn(n, 3, 32, 32), labels
 
 
-def train_input_mixture(mixture_fit, steps=200, task=True):
+def train_input_mixture(mixture_fit, steps=120, task=True):
     """AdaMatch's optimiser on a ShallowCNN with UAN (K = 2) on the input image and BN elsewhere,
     on the task of ``mixture_images`` (or, ``task=False``, on random labels)."""
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_the_momentum_fit_finds_the_activation_mixture_inside_a_backbone(task):
 
 
 def test_the_likelihood_fit_moves_the_mixture_towards_the_activation_mixture():
-    means, stds, _ = train_input_mixture("likelihood")
+    means, stds, _ = train_input_mixture("likelihood", steps=200)  # slower than the momentum fit
     torch.testing.assert_close(means, MEANS[:, None].expand(2, 3), atol=0.1, rtol=0)
     start = torch.full((2, 3), 0.546**0.5)  # UAN's initial σ for K = 2
     assert ((stds - STDS[:, None]).abs() < 0.6 * (start - STDS[:, None]).abs()).all()

@@ -191,20 +191,20 @@ def test_likelihood_fit_adds_the_weighted_nll_to_any_loss_backpropagated_through
     torch.manual_seed(1)
     x = torch.randn(8, 3, 4, 4) * 2 + 1
     upstream = torch.randn(8, 3, 4, 4)
-    fitted = UAN(3, mixture_fit="likelihood", likelihood_weight=0.5, fit_samples=10_000)
+    fitted = UAN(3, mixture_fit="likelihood", likelihood_weight=0.5, max_samples=10_000)
     plain = UAN(3, mixture_fit="gradient")
     plain.load_state_dict(fitted.state_dict())
     (fitted(x) * upstream).sum().backward()
     loss = (plain(x) * upstream).sum() + 0.5 * negative_log_likelihood(plain, x.transpose(0, 1).reshape(3, -1).T)
     loss.backward()
-    # 128 positions < fit_samples: the NLL is the exact mean over all of them.
+    # 128 positions < max_samples: the NLL is the exact mean over all of them.
     torch.testing.assert_close(fitted.last_nll, negative_log_likelihood(plain, x.transpose(0, 1).reshape(3, -1).T).detach())
     for a, b in zip(fitted.parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_momentum_fit_moves_the_mixture_towards_the_batch_and_frozen_stats_discards_it():
-    layer = UAN(3, mixture_fit="momentum", momentum=0.5, fit_samples=10_000)
+    layer = UAN(3, mixture_fit="momentum", momentum=0.5, max_samples=10_000)
     x = torch.randn(8, 3, 4, 4) * 2 + 1
     lw, mean, var = (t.detach().clone() for t in layer.mixture())
     with frozen_stats(layer):
@@ -216,7 +216,7 @@ def test_momentum_fit_moves_the_mixture_towards_the_batch_and_frozen_stats_disca
     mass = tau.sum((0, 3))
     alpha = (tau * x.flatten(2).unsqueeze(1)).sum((0, 3)) / mass
     delta2 = (tau * (x.flatten(2).unsqueeze(1) - alpha.unsqueeze(-1)) ** 2).sum((0, 3)) / mass
-    share = mass / mass.sum(0)  # 128 positions < fit_samples: every one is in the sample
+    share = mass / mass.sum(0)  # 128 positions < max_samples: every one is in the sample
     torch.testing.assert_close(layer.mean.detach(), 0.5 * mean + 0.5 * alpha, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.var.detach(), 0.5 * var + 0.5 * delta2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.weights.detach()[0], 0.5 * lw[0].exp() + 0.5 * share, rtol=1e-5, atol=1e-5)

@@ -37,7 +37,7 @@ class UAN(nn.Module):
     How the mixture is fitted (``mixture_fit``, ``norm/mixture_fit.py``): ``"gradient"`` by
     the task loss alone (the paper's text); ``"likelihood"`` adds ``likelihood_weight`` × the
     NLL of the layer's detached input under its mixture to the objective (gradient-based EM,
-    estimated on ``fit_samples`` positions; the layer adds it itself, so any training
+    estimated on ``max_samples`` positions; the layer adds it itself, so any training
     loop gets it); ``"momentum"`` also moves μ, σ² towards the batch's α, δ² (what the authors'
     code effectively does) and λ towards the batch's component shares with ``momentum`` after
     each training forward (stepwise EM; the writes are discarded under ``frozen_stats``, like
@@ -66,7 +66,7 @@ class UAN(nn.Module):
         min_weight: floor of λ (a numerical guard; 0 for the plain softmax).
         mixture_fit: ``"gradient"``, ``"likelihood"`` or ``"momentum"``.
         likelihood_weight: weight of the NLL term (``mixture_fit="likelihood"``).
-        fit_samples: positions sampled per training forward for the NLL term, the momentum
+        max_samples: positions sampled per training forward for the NLL term, the momentum
             fit's component shares and the channel variance of ``var_floor``.
         var_floor: δ_k² (σ_k² in learned inference) is floored at ``var_floor`` × the channel's
             variance (the batch's in training, its running average in evaluation); 0: no floor.
@@ -79,7 +79,7 @@ class UAN(nn.Module):
                  momentum: float = 0.1, inference: Inference = "learned", num_contexts: int | None = None,
                  default_context: int = 0, affine: bool = True, min_var: float = 1e-3,
                  min_weight: float = 1e-6, mixture_fit: MixtureFit = "momentum", likelihood_weight: float = 1.0,
-                 fit_samples: int = 4096, var_floor: float = 0.01) -> None:
+                 max_samples: int = 4096, var_floor: float = 0.01) -> None:
         super().__init__()
         if inference not in INFERENCES:
             raise ValueError(f"Expected inference in {INFERENCES}, got {inference!r}; "
@@ -87,9 +87,9 @@ class UAN(nn.Module):
         if mixture_fit not in MIXTURE_FITS:
             raise ValueError(f"Expected mixture_fit in {MIXTURE_FITS}, got {mixture_fit!r}; "
                              f"use norm_options {{\"mixture_fit\": ...}}")
-        if likelihood_weight < 0 or fit_samples < 2 or not 0 <= var_floor < 1:
-            raise ValueError(f"Expected likelihood_weight >= 0, fit_samples >= 2 and 0 <= var_floor < 1, got "
-                             f"{likelihood_weight}, {fit_samples}, {var_floor}")
+        if likelihood_weight < 0 or max_samples < 2 or not 0 <= var_floor < 1:
+            raise ValueError(f"Expected likelihood_weight >= 0, max_samples >= 2 and 0 <= var_floor < 1, got "
+                             f"{likelihood_weight}, {max_samples}, {var_floor}")
         if num_components < 1:
             raise ValueError(f"Expected num_components >= 1, got {num_components}")
         if not 0 <= min_weight * num_components < 1:
@@ -100,7 +100,7 @@ class UAN(nn.Module):
         self.eps, self.momentum, self.inference = eps, momentum, inference
         self.min_var, self.min_weight = min_var, min_weight
         self.num_contexts, self.default_context = num_contexts, default_context
-        self.mixture_fit, self.likelihood_weight, self.fit_samples = mixture_fit, likelihood_weight, fit_samples
+        self.mixture_fit, self.likelihood_weight, self.max_samples = mixture_fit, likelihood_weight, max_samples
         self.var_floor = var_floor
         self.last_nll: Tensor | None = None  # the latest training forward's NLL term (likelihood fit), for logging
         means, var = spread_mixture(num_components)
@@ -172,7 +172,7 @@ class UAN(nn.Module):
         momentum = self.mixture_fit == "momentum"
         floor = shares = None
         if (likelihood or momentum or self.var_floor > 0) and x3.dim() == 3 and x3.shape[0] * x3.shape[2] >= 2:
-            rows, values = sample_positions(x3, self.fit_samples)
+            rows, values = sample_positions(x3, self.max_samples)
             channel_var = values.to(torch.promote_types(values.dtype, torch.float32)).var(0, correction=0)
             self.running_channel_var.lerp_(channel_var.to(self.running_channel_var.dtype), self.momentum)
             floor = self.var_floor * channel_var if self.var_floor > 0 else None
