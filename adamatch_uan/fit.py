@@ -1,7 +1,9 @@
 """The command line: ``python -m adamatch_uan.fit [--norm uan] [--config configs/x.yaml] [LightningCLI options]``.
 
-A LightningCLI over the methods (``--model``, AdaMatch by default) and the domain-pair
-DataModule (``--data``). ``--norm NAME`` is a shortcut for ``--model.init_args.norm NAME``,
+A LightningCLI over the methods (``--model``, AdaMatch by default; ``Supervised`` for plain
+classification) and the DataModules (``--data``, ``DomainPairDataModule`` by default;
+``SingleDomainDataModule`` for one labelled domain): one entry point for both kinds of run, as
+they share the run directory, checkpoints, callbacks and results. ``--norm NAME`` is a shortcut for ``--model.init_args.norm NAME``,
 written into the config before the classes are built, so YAML files can set the norm too.
 
 Each run writes to its own directory (``--run_dir``, default ``runs/<time>-<source>-<target>-<norm>``):
@@ -21,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
-from adamatch_uan.data import DomainPairDataModule
 from adamatch_uan.methods import DomainAdaptationMethod
 from adamatch_uan.models.slots import describe
 
@@ -43,19 +45,36 @@ class FitCLI(LightningCLI):
                             help="Directory of this run (default: runs/<time>-<source>-<target>-<norm>).")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
         parser.set_defaults({"model": {"class_path": "adamatch_uan.methods.AdaMatch"},
+                             "data": {"class_path": "adamatch_uan.data.DomainPairDataModule"},
                              "trainer.max_steps": 10_000, "trainer.val_check_interval": 500,
                              "trainer.check_val_every_n_epoch": None, "trainer.log_every_n_steps": 10,
                              "seed_everything": 0})
+
+    def parse_arguments(self, parser, args) -> None:
+        # jsonargparse keeps the default class's init_args when --model/--data (or a config) picks
+        # another class, so Supervised would inherit AdaMatch's lr, EMA and flips. A first parse
+        # (without --print_config, which would print and exit) finds the chosen classes; with them as
+        # the defaults, the second parse gives each class its own defaults under what the user set.
+        argv = list(sys.argv[1:] if args is None else args)
+        probe = [a for a in argv if a.split("=")[0] != "--print_config"]
+        self.config = parser.parse_args(probe)
+        chosen = {key: self.config[key].class_path for key in ("model", "data")}
+        changed = any(parser.get_defaults()[key].class_path != path for key, path in chosen.items())
+        if changed:
+            parser.set_defaults({key: {"class_path": path} for key, path in chosen.items()})
+        if changed or len(probe) != len(argv):
+            self.config = parser.parse_args(argv)
 
     def before_instantiate_classes(self) -> None:
         config = self.config
         if config.norm is not None:
             config.model.init_args.norm = config.norm
         if config.run_dir is None:
-            data = config.data
+            data = config.data.init_args
+            domains = [getattr(data, key, None) for key in ("domain", "source", "target")]
             stamp = time.strftime("%Y%m%d-%H%M%S")
             norm = describe(config.model.init_args.norm).replace("=", "-").replace(",", "+")
-            name = "-".join([*(str(s).split(":")[0] for s in (data.source, data.target)), norm])
+            name = "-".join([*(str(s).split(":")[0] for s in domains if s is not None), norm])
             config.run_dir = str(Path("runs") / f"{stamp}-{name}")
         run = Path(config.run_dir)
         config.trainer.default_root_dir = str(run)
@@ -85,7 +104,8 @@ def results_table(results: dict) -> str:
 
 def main(args: list[str] | None = None) -> dict:
     """Train, test the best checkpoint, write ``results.json`` in the run directory; return the results."""
-    cli = FitCLI(DomainAdaptationMethod, DomainPairDataModule, subclass_mode_model=True, run=False, args=args,
+    cli = FitCLI(DomainAdaptationMethod, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 run=False, args=args,
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)

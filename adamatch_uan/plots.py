@@ -210,8 +210,14 @@ def layer_heatmap_figure(run: Run, kind: str = "total") -> Figure:
     return fig
 
 
-def validation_figure(runs: Sequence[Run], sets: Sequence[str] = ("source", "target")) -> Figure:
-    """Validation error (1 − accuracy) per step for each evaluation set, one line per run."""
+def validation_figure(runs: Sequence[Run], sets: Sequence[str] | None = None) -> Figure:
+    """Validation error (1 − accuracy) per step for each evaluation set, one line per run.
+
+    ``sets`` None: those the runs validated on ("source" and "target" for domain adaptation,
+    "source", the one labelled domain, for plain classification)."""
+    if sets is None:
+        sets = [name for name in ("source", "target") if any(f"val/{name}/acc" in run.metrics for run in runs)]
+        sets = sets or ["source"]
     fig = Figure(figsize=(5 * len(sets), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sets)))
     for name, ax in zip(sets, axes):

@@ -110,6 +110,50 @@ def test_image_folder(tmp_path):
     assert labels.tolist() == [0, 1]
 
 
+def make_cifar(root: Path, monkeypatch, name: str, n: int = 6) -> np.ndarray:
+    """CIFAR python batches as torchvision reads them (pickled dicts of data (N, 3072) and labels)."""
+    import pickle
+
+    import torchvision.datasets as tvd
+
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    key = "labels" if name == "cifar10" else "fine_labels"
+    labels = np.arange(n) % (10 if name == "cifar10" else 100)
+    for attr in ("train_list", "test_list"):
+        entries = []
+        for file, _ in getattr(cls, attr):
+            batch = {"data": np.random.randint(0, 256, (n, 3072), dtype=np.uint8), key: labels.tolist()}
+            (folder / file).write_bytes(pickle.dumps(batch))
+            entries.append([file, md5(folder / file)])
+        monkeypatch.setattr(cls, attr, entries)
+    meta = {"cifar10": ("label_names", [str(i) for i in range(10)]), "cifar100": ("fine_label_names", [str(i) for i in range(100)])}[name]
+    (folder / cls.meta["filename"]).write_bytes(pickle.dumps({meta[0]: meta[1]}))
+    monkeypatch.setitem(cls.meta, "md5", md5(folder / cls.meta["filename"]))
+    return labels
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_python_batches_keep_their_size(tmp_path, monkeypatch, name):
+    labels = make_cifar(tmp_path, monkeypatch, name)
+    for train, count in ((True, 6 * (5 if name == "cifar10" else 1)), (False, 6)):
+        images, got = load_domain(name, tmp_path, train, download=False, num_classes=100, size=None)
+        assert images.shape == (count, 3, 32, 32) and images.dtype == torch.uint8 and got.dtype == torch.int64
+        assert got[:6].tolist() == labels.tolist()
+
+
+def test_fashion_mnist_idx_files(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", np.random.randint(0, 256, (7, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(7) % 10)
+    images, labels = load_domain("fashion_mnist", tmp_path, True, download=False, size=None)
+    assert images.shape == (7, 3, 28, 28) and labels.tolist() == list(range(7))
+    assert load_domain("fashion_mnist", tmp_path, False, download=False)[0].shape == (7, 3, 32, 32)  # padded as digits
+
+
 def test_preprocessing_sizes():
     assert to_rgb32(torch.zeros(2, 16, 16, dtype=torch.uint8)).shape == (2, 3, 32, 32)
     assert to_rgb32(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 3, 32, 32)
@@ -144,7 +188,8 @@ def test_malformed_npz_is_a_clear_error(tmp_path, arrays, match):
 
 
 def test_unknown_domain_lists_choices(tmp_path):
-    with pytest.raises(DomainError, match="mnist, svhn, usps, npz:PATH or folder:PATH"):
+    with pytest.raises(DomainError, match="mnist, svhn, usps, cifar10, cifar100, fashion_mnist, tinyimagenet, "
+                                          "npz:PATH or folder:PATH"):
         load_domain("mnist-m", tmp_path, True)
 
 

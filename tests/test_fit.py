@@ -28,6 +28,28 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
     assert json.loads((run / "results.json").read_text())["steps"] == 9
 
 
+def test_classify_smoke_config_runs_plain_classification_end_to_end(data, tmp_path):
+    run = tmp_path / "run"
+    done = fit("--config", str(ROOT / "configs" / "classify_smoke.yaml"), "--data.domain", f"npz:{data / 's.npz'}",
+               "--data.image_size", "32", "--data.batch_size", "16", "--trainer.max_epochs", "2",
+               "--trainer.enable_progress_bar", "false", "--run_dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["test"]) == {"source"} and results["steps"] == 2 * (144 // 16)  # 200 − 20 % test − 10 % val
+    assert "class_path: adamatch_uan.methods.Supervised" in (run / "config.yaml").read_text()
+    assert (run / "gradient_variance.csv").exists() and list((run / "activations").glob("*.png"))
+
+
+def test_a_chosen_method_and_data_module_keep_their_own_defaults():
+    printed = fit("--model", "adamatch_uan.methods.Supervised", "--data", "adamatch_uan.data.SingleDomainDataModule",
+                  "--model.init_args.norm", "mn", "--print_config")
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    text = printed.stdout
+    # not AdaMatch's lr 0.03, EMA 0.999, no flips and two eval sets, as jsonargparse would carry over
+    assert "lr: 0.05" in text and "ema_decay: null" in text and "flip: true" in text and "- target" not in text
+    assert "norm: mn" in text and "batch_size: 128" in text
+
+
 def test_interrupted_run_keeps_a_checkpoint_and_resumes_from_it(data, tmp_path):
     import torch
 

@@ -16,7 +16,8 @@ class ActivationPlot(L.Callback):
     """Every ``every_n_epochs`` epochs (and every ``every_n_steps`` steps if set), plot one batch's
     input to a norm layer of ``pl_module.model``.
 
-    The batch is the latest training batch: weak views of its source and target images, one
+    The batch is the latest training batch: weak views of its source and target images (source
+    only when the batch has no target, as in plain classification), one
     training-mode forward pass under ``frozen_stats`` and ``fork_rng`` (the model, its
     running statistics and the training RNG stream are left as they were). The histogram
     (per ``channel``, or pooled over channels) is drawn per domain, with the layer's mixture
@@ -69,19 +70,20 @@ class ActivationPlot(L.Callback):
             return None
         model = pl_module.model
         name, layer = self.resolve_layer(model)
-        (source, _), target = self._batch["source"], self._batch["target"]
+        (source, _), target = self._batch["source"], self._batch.get("target")  # no target in plain classification
+        domains = [("source", source, SOURCE)] + ([("target", target, TARGET)] if target is not None else [])
         captured = []
         hook = layer.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
         devices = [source.device] if source.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), frozen_stats(model):
-                for images, domain in ((source, SOURCE), (target, TARGET)):
+                for _, images, domain in domains:
                     inputs = pl_module.weak_views(images)
                     model(inputs, torch.full((len(inputs),), domain, device=inputs.device))
         finally:
             hook.remove()
         samples = {label: x.float().transpose(0, 1).reshape(x.shape[1], -1).T.cpu().numpy()
-                   for label, x in zip(("source", "target"), captured)}
+                   for (label, _, _), x in zip(domains, captured)}
         step = trainer.global_step
         figure = activation_figure(samples, layer_mixture(layer), self.channel,
                                    title=f"{name} ({type(layer).__name__}), step {step}")

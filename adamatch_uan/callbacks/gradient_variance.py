@@ -12,8 +12,8 @@ Kinds of gradient (column ``kind`` of the CSV):
                    total); one extra backward per term, with ``torch.autograd.grad``.
     logits_source, logits_target
                    (``mode="logits"``, the authors' variant) ∂(Σ logits)/∂W on the weak views
-                   of the current source batch and of the current target batch, each in its
-                   own training-mode forward pass.
+                   of the current source batch and of the current target batch (when the
+                   batch has one), each in its own training-mode forward pass.
 
 Measuring never changes the model: gradients of extra passes go through
 ``torch.autograd.grad`` (``.grad`` untouched), extra forward passes run under
@@ -116,13 +116,14 @@ class GradientVariance(L.Callback):
 
     # ---- the authors' variant ----
     def _logit_variances(self, pl_module, batch) -> list[tuple[str, str, float]]:
-        (source, _), target = batch["source"], batch["target"]
+        (source, _), target = batch["source"], batch.get("target")  # no target in plain classification
+        domains = [("logits_source", source, SOURCE)] + ([("logits_target", target, TARGET)] if target is not None else [])
         named = self._named_parameters(pl_module)
         model = pl_module.model
         devices = [source.device] if source.device.type == "cuda" else []
         rows = []
         with torch.random.fork_rng(devices=devices), frozen_stats(model):
-            for kind, images, domain in (("logits_source", source, SOURCE), ("logits_target", target, TARGET)):
+            for kind, images, domain in domains:
                 inputs = pl_module.weak_views(images)
                 context = torch.full((len(inputs),), domain, device=inputs.device)
                 with torch.enable_grad():

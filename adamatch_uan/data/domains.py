@@ -1,19 +1,25 @@
-"""Domains as in-memory uint8 tensors: built-in digit sets through torchvision, and user data.
+"""Domains as in-memory uint8 tensors: built-in datasets through torchvision, and user data.
 
 ``load_domain(spec, root, train, download)`` returns ``(images, labels)``: images uint8
-(N, 3, 32, 32), labels int64 (N,). Specs:
+(N, 3, 32, 32) (or their own size with ``size=None``), labels int64 (N,). Specs:
 
 - ``mnist``, ``svhn``, ``usps``: torchvision's dataset classes and on-disk formats under
   ``root`` (MNIST in ``root/MNIST/raw``, SVHN ``root/{train,test}_32x32.mat``, USPS
   ``root/usps.bz2`` / ``root/usps.t.bz2``); files are checked against torchvision's
   checksums (SVHN, USPS) before use.
+- ``cifar10``, ``cifar100``, ``fashion_mnist``: torchvision's classes and formats
+  (``root/cifar-10-batches-py``, ``root/cifar-100-python``, ``root/FashionMNIST/raw``).
+- ``tinyimagenet``: the cs231n layout under ``root/tiny-imagenet-200`` (64×64; the labelled
+  validation split is the test split), decoded once and cached (``image_folders.py``).
 - ``npz:PATH``: either ``x`` (N, H, W[, C]) uint8 and ``y`` (N,) with the split fraction
   ``test_fraction`` (the last part is the test split), or ``x_train, y_train, x_test, y_test``.
 - ``folder:PATH``: an ImageFolder (PATH/class/image); PATH/train and PATH/test when both
-  exist, else split by ``test_fraction``.
+  exist, else split by ``test_fraction``; decoded once and cached (``image_folders.py``).
 
-Preprocessing (ALGORITHMS.md §5): 28×28 images are zero-padded by 2 px, 16×16 ones are
-resized to 28×28 then padded, other sizes resized to 32×32; grey is repeated to 3 channels.
+Preprocessing (ALGORITHMS.md §5), ``size=32``: 28×28 images are zero-padded by 2 px, 16×16
+ones are resized to 28×28 then padded, other sizes resized to 32×32; grey is repeated to 3
+channels. ``size=None`` keeps each dataset's own size (grey still becomes 3 channels);
+another int resizes to it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ import torch.nn.functional as F
 import torchvision.datasets as tvd
 from torch import Tensor
 
+from adamatch_uan.data.errors import DomainError
+from adamatch_uan.data.image_folders import Resize, image_folder, tiny_imagenet
+
 # Expected md5 of the files each built-in domain reads, from torchvision's own tables.
 CHECKSUMS: dict[str, dict[str, str]] = {
     "usps": {name: md5 for _, name, md5 in tvd.USPS.split_list.values()},
@@ -37,11 +46,26 @@ BUILTIN_FILES = {
               False: ["MNIST/raw/t10k-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"]},
     "svhn": {True: ["train_32x32.mat"], False: ["test_32x32.mat"]},
     "usps": {True: ["usps.bz2"], False: ["usps.t.bz2"]},
+    "cifar10": {True: ["cifar-10-batches-py/data_batch_1"], False: ["cifar-10-batches-py/test_batch"]},
+    "cifar100": {True: ["cifar-100-python/train"], False: ["cifar-100-python/test"]},
+    "fashion_mnist": {True: ["FashionMNIST/raw/train-images-idx3-ubyte", "FashionMNIST/raw/train-labels-idx1-ubyte"],
+                      False: ["FashionMNIST/raw/t10k-images-idx3-ubyte", "FashionMNIST/raw/t10k-labels-idx1-ubyte"]},
 }
+FOLDER_DOMAINS = ("tinyimagenet",)
 
 
-class DomainError(ValueError):
-    """A domain's files are missing, corrupted or malformed; the message says which and how to fix it."""
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
+
+
+def to_rgb(images: Tensor) -> Tensor:
+    """uint8 (N, H, W) or (N, C, H, W), C in {1, 3} → uint8 (N, 3, H, W), grey repeated."""
+    x = images.unsqueeze(1) if images.dim() == 3 else images
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise DomainError(f"Expected 1 or 3 channels, got {x.shape[1]}")
+    return x.contiguous()
 
 
 def to_rgb32(images: Tensor) -> Tensor:
@@ -49,17 +73,12 @@ def to_rgb32(images: Tensor) -> Tensor:
     x = images.unsqueeze(1) if images.dim() == 3 else images
     size = tuple(x.shape[-2:])
     if size == (16, 16):
-        x = F.interpolate(x.float(), size=(28, 28), mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
-        size = (28, 28)
+        x, size = _resize(x, (28, 28)), (28, 28)
     if size == (28, 28):
         x = F.pad(x, (2, 2, 2, 2))
     elif size != (32, 32):
-        x = F.interpolate(x.float(), size=(32, 32), mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
-        raise DomainError(f"Expected 1 or 3 channels, got {x.shape[1]}")
-    return x.contiguous()
+        x = _resize(x, (32, 32))
+    return to_rgb(x)
 
 
 def _md5(path: Path) -> str:
@@ -91,9 +110,15 @@ def _builtin(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor
         if name == "mnist":
             ds = tvd.MNIST(root, train=train, download=download)
             return ds.data, ds.targets
+        if name == "fashion_mnist":
+            ds = tvd.FashionMNIST(root, train=train, download=download)
+            return ds.data, ds.targets
         if name == "svhn":
             ds = tvd.SVHN(root, split="train" if train else "test", download=download)
             return torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
+        if name in ("cifar10", "cifar100"):
+            ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(root, train=train, download=download)
+            return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets)
         ds = tvd.USPS(root, train=train, download=download)
         return torch.from_numpy(ds.data), torch.tensor(ds.targets)
     except (OSError, RuntimeError) as err:  # torchvision's download or integrity failures
@@ -134,37 +159,38 @@ def _npz(path: Path, train: bool, test_fraction: float, num_classes: int) -> tup
     return (images, labels) if {"x_train"} <= keys else _split(images, labels, train, test_fraction)
 
 
-def _folder(path: Path, train: bool, test_fraction: float) -> tuple[Tensor, Tensor]:
-    split = path / ("train" if train else "test")
-    has_splits = (path / "train").is_dir() and (path / "test").is_dir()
-    if not path.is_dir():
-        raise DomainError(f"Missing image folder {path}; check the path in folder:PATH")
-    ds = tvd.ImageFolder(split if has_splits else path)
-    images = torch.stack([to_rgb32(torch.from_numpy(np.array(ds.loader(p).convert("RGB"))).permute(2, 0, 1)[None])[0]
-                          for p, _ in ds.samples])
-    labels = torch.tensor([t for _, t in ds.samples])
-    if has_splits:
-        return images, labels
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    return _split(images[order], labels[order], train, test_fraction)
+def resizer(size: int | None) -> tuple[Resize, str]:
+    """The per-image preprocessing of ``size`` (module docstring) and its name (cache keys)."""
+    if size == 32:
+        return to_rgb32, "rgb32"
+    if size is None:
+        return to_rgb, "native"
+    return lambda x: to_rgb(_resize(x, (size, size))), f"resize{size}"
 
 
 def load_domain(spec: str, root: str | Path, train: bool, download: bool = True, test_fraction: float = 0.2,
-                num_classes: int = 10) -> tuple[Tensor, Tensor]:
-    """Load one split of a domain as (uint8 (N, 3, 32, 32), int64 (N,)); see the module docstring.
+                num_classes: int = 10, size: int | None = 32) -> tuple[Tensor, Tensor]:
+    """Load one split of a domain as (uint8 (N, 3, H, W), int64 (N,)); see the module docstring.
 
     Raises:
-        DomainError: unknown spec, missing or corrupted files, malformed npz.
+        DomainError: unknown spec, missing or corrupted files, malformed npz or image folder.
     """
     root = Path(root).expanduser()
     kind, _, path = spec.partition(":")
+    resize, name = resizer(size)
     if spec in BUILTIN_FILES:
         images, labels = _builtin(spec, root, train, download)
+    elif spec == "tinyimagenet":
+        return tiny_imagenet(root, train, resize, name)
     elif kind == "npz" and path:
         images, labels = _npz(Path(path).expanduser(), train, test_fraction, num_classes)
     elif kind == "folder" and path:
-        images, labels = _folder(Path(path).expanduser(), train, test_fraction)
+        images, labels, has_splits = image_folder(Path(path).expanduser(), train, resize, name)
+        if not has_splits:
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+            images, labels = _split(images[order], labels[order], train, test_fraction)
+        return images, labels
     else:
-        raise DomainError(f"Unknown domain {spec!r}; expected one of {', '.join(BUILTIN_FILES)}, npz:PATH or "
-                          f"folder:PATH; use --data.source / --data.target")
-    return to_rgb32(images), labels.long()
+        raise DomainError(f"Unknown domain {spec!r}; expected one of {', '.join([*BUILTIN_FILES, *FOLDER_DOMAINS])}, "
+                          f"npz:PATH or folder:PATH; use --data.source / --data.target")
+    return resize(images.unsqueeze(1) if images.dim() == 3 else images), labels.long()

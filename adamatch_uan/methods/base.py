@@ -45,9 +45,22 @@ def optimizer_groups(model: nn.Module, weight_decay: float, lr: float, mixture_l
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(step: int, total: int, decay: float) -> float:
-    """lr(t)/lr₀ = cos(arccos(decay) · t/T): 1 at t = 0, ``decay`` at t = T (ALGORITHMS.md §5.8)."""
-    return math.cos(math.acos(decay) * min(step, total) / total)
+LR_SCHEDULES = ("adamatch", "cosine", "step")
+
+
+def lr_factor(step: int, total: int, decay: float, schedule: str = "adamatch") -> float:
+    """lr(t)/lr₀ at step t of T.
+
+    - "adamatch": cos(arccos(decay) · t/T), 1 at t = 0 and ``decay`` at t = T (ALGORITHMS.md §5.8);
+    - "cosine": ½ (1 + cos(π t/T)), 1 → 0;
+    - "step": 1, then ×0.1 at t = T/2 and again at t = 3T/4.
+    """
+    t = min(step, total) / total
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "step":
+        return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+    return math.cos(math.acos(decay) * t)
 
 
 def evaluation_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -77,11 +90,12 @@ class DomainAdaptationMethod(L.LightningModule):
         norm_at: where norm layers go: "all", "input", "none" or a list of slot names.
         norm_options: options for every norm layer (e.g. ``{"num_components": 3}``).
         lr: base learning rate of SGD.
-        lr_decay: lr(T)/lr(0) of the cosine schedule.
+        lr_decay: lr(T)/lr(0) of the "adamatch" schedule.
+        lr_schedule: "adamatch" (the official cosine to ``lr_decay``), "cosine" (to 0) or "step" (``lr_factor``).
         momentum: SGD momentum (no Nesterov).
         mixture_lr_scale: learned mixtures' parameters (UAN's λ, μ, σ²) train at ``lr`` times this.
         weight_decay: on conv/linear weights only.
-        ema_decay: decay of the evaluated EMA model.
+        ema_decay: decay of the evaluated EMA model; None evaluates the trained model itself.
         flip: random horizontal flips in the weak view (off for digits).
         strong_ops: ops per image in the strong view.
         cutout: cutout side in pixels in the strong view.
@@ -94,7 +108,7 @@ class DomainAdaptationMethod(L.LightningModule):
     def __init__(self, backbone: str = "shallow_cnn", num_classes: int = 10, norm: NormChoice = "bn",
                  norm_at: NormAt = "all", norm_options: dict | None = None, lr: float = 0.03,
                  lr_decay: float = 0.25, momentum: float = 0.9, mixture_lr_scale: float = 1.0, weight_decay: float = 1e-3,
-                 ema_decay: float = 0.999, flip: bool = False, strong_ops: int = 2, cutout: int = 16,
+                 ema_decay: float | None = 0.999, lr_schedule: str = "adamatch", flip: bool = False, strong_ops: int = 2, cutout: int = 16,
                  image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
                  eval_contexts: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -102,8 +116,12 @@ class DomainAdaptationMethod(L.LightningModule):
         if eval_contexts is not None and len(eval_contexts) != len(eval_names):
             raise ValueError(f"Expected one eval context per eval set {list(eval_names)}, got {list(eval_contexts)}")
         self.model = make_backbone(backbone, num_classes, norm=norm, norm_at=norm_at, norm_options=norm_options)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        self.ema.requires_grad_(False)
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}, got {lr_schedule!r}; use --model.init_args.lr_schedule")
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
         self.augment = Augment((image_size, image_size), flip=flip, num_ops=strong_ops, cutout=cutout)
         self.eval_names = list(eval_names)
         self.eval_contexts = list(eval_contexts) if eval_contexts is not None else [SOURCE] * len(self.eval_names)
@@ -135,13 +153,20 @@ class DomainAdaptationMethod(L.LightningModule):
         groups = optimizer_groups(self.model, hp.weight_decay, hp.lr, hp.mixture_lr_scale)
         optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=False)
         total, decay = self.total_steps, hp.lr_decay
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, decay))
+        kind = hp.lr_schedule
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, decay, kind))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.ema.update_parameters(self.model)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     # ---- evaluation ----
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The EMA copy, or the trained model when there is none (``ema_decay=None``)."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _evaluate(self, batch, dataloader_idx: int, stage: str) -> None:
         if dataloader_idx >= len(self.eval_names):
             raise ValueError(f"Got evaluation dataloader {dataloader_idx}, but eval_names names only "
@@ -149,7 +174,7 @@ class DomainAdaptationMethod(L.LightningModule):
         images, labels = batch
         name = self.eval_names[dataloader_idx]
         context = torch.full((len(images),), self.eval_contexts[dataloader_idx], device=images.device)
-        logits = self.ema.module(self.inputs(images), context)
+        logits = self.evaluated_model(self.inputs(images), context)
         metrics = self.metrics[f"{stage}_{name}"]
         metrics.update(logits, labels)
         self.log(f"{stage}/{name}/loss", F.cross_entropy(logits, labels), add_dataloader_idx=False)
