@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,34 +71,41 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Path, out: Path) -> dict:
-    """Train and test one cell (unless its summary exists) and return its summary."""
-    path = out / f"{row}-seed{seed}.json"
+def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
+             extra: Callable[[Path], dict] | None = None) -> dict:
+    """One cell of a sweep: train and test through ``args`` (the CLI) unless the summary at ``path``
+    exists; write and return the summary (``fields``, the command, time, machine, status, test
+    metrics, and ``extra(run_dir)``). A run that stopped on a non-finite loss is "diverged"."""
     if path.exists():
         return json.loads(path.read_text())
-    run_dir = runs / f"{pair}-{steps}steps" / f"{row}-seed{seed}"
     if run_dir.exists() and not (run_dir / "results.json").exists():
         shutil.rmtree(run_dir)  # an interrupted run starts again
-    args = command(pair, row, seed, steps, data_root, run_dir)
     started = time.time()
     done = None
     if not (run_dir / "results.json").exists():
         print("+", " ".join(args), flush=True)
         done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    summary = {"pair": pair, "row": row, "seed": seed, "steps": steps, "command": " ".join(args[1:]),
-               "minutes": round((time.time() - started) / 60, 2), "date": datetime.date.today().isoformat(),
-               "machine": machine()}
+    summary = {**fields, "command": " ".join(args[1:]), "minutes": round((time.time() - started) / 60, 2),
+               "date": datetime.date.today().isoformat(), "machine": machine()}
     if (run_dir / "results.json").exists():
         results = json.loads((run_dir / "results.json").read_text())
-        summary.update(status="finished", trained_steps=results["steps"], test=results["test"])
+        summary.update(status="finished", trained_steps=results["steps"], test=results["test"],
+                       **(extra(run_dir) if extra else {}))
     elif done is not None and "Non-finite" in done.stderr:
         summary.update(status="diverged", error=done.stderr.strip().splitlines()[-12:])
     else:
-        raise RuntimeError(f"{pair}/{row}/seed {seed} failed (status {done.returncode if done else '?'}):\n"
+        raise RuntimeError(f"{fields} failed (status {done.returncode if done else '?'}):\n"
                            f"{done.stderr[-3000:] if done else ''}")
-    out.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Path, out: Path) -> dict:
+    """Train and test one cell of the DA table (unless its summary exists) and return its summary."""
+    run_dir = runs / f"{pair}-{steps}steps" / f"{row}-seed{seed}"
+    return run_cell(out / f"{row}-seed{seed}.json", run_dir, command(pair, row, seed, steps, data_root, run_dir),
+                    {"pair": pair, "row": row, "seed": seed, "steps": steps})
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -130,15 +137,17 @@ def aggregate(summaries: Iterable[dict]) -> dict[str, dict]:
     return table
 
 
+def cell(entry: dict, key: str, seeds: bool = False) -> str:
+    """One aggregated metric as "mean ± std" in %, with every seed's value when ``seeds``."""
+    c = entry.get(key)
+    if not c:
+        return "—"
+    text = f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
+    return text + (f" ({', '.join(f'{100 * v:.1f}' for v in c['values'])})" if seeds else "")
+
+
 def markdown(table: dict[str, dict], title: str) -> str:
     """The table as markdown: mean ± std in % and every seed, target first."""
-    def cell(entry: dict, key: str, seeds: bool = False) -> str:
-        c = entry.get(key)
-        if not c:
-            return "—"
-        text = f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
-        return text + (f" ({', '.join(f'{100 * v:.1f}' for v in c['values'])})" if seeds else "")
-
     lines = [f"**{title}**", "",
              "| row | seeds | target acc % (each seed) | target macro F1 % | source acc % | diverged |",
              "|---|---|---|---:|---:|---|"]

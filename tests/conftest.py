@@ -29,6 +29,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _decoded_images_cache(tmp_path_factory, monkeypatch):
+    """Decoded image folders go to a temporary cache, never the user's (in-process loads)."""
+    from adamatch_uan.data import image_folders
+
+    folder = tmp_path_factory.mktemp("decoded")
+    monkeypatch.setattr(image_folders, "cache_dir", lambda: folder)
+
+
 def stripes(labels: torch.Tensor, size: int = 32) -> torch.Tensor:
     """uint8 (N, 3, size, size) images: class 0 horizontal stripes, class 1 vertical, random phase."""
     i = torch.arange(size)

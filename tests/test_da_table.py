@@ -52,3 +52,22 @@ def test_the_command_is_the_real_cli_with_the_budget_and_the_seed(tmp_path):
     for pair in da_table.PAIRS:
         for row in da_table.ROWS:
             assert (ROOT / "configs" / f"{pair}_{row}.yaml").exists(), (pair, row)
+
+
+def test_classification_cells_share_the_runner_and_aggregate_on_the_labelled_domain(tmp_path, monkeypatch):
+    import classify_table
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for seed, acc in ((0, 0.70), (1, 0.74)):
+        s = summary("uan", seed, 0.0)
+        s["test"] = {"source": {"acc": acc, "f1": acc - 0.01}}
+        s["validation_error"] = [(0, 350, 0.5), (1, 700, 0.4 - seed / 10)]
+        (out / f"uan-seed{seed}.json").write_text(json.dumps(s))
+    monkeypatch.setattr(da_table.subprocess, "run", lambda *a, **k: pytest.fail("ran a finished cell"))
+    assert classify_table.run_one("cifar10", "uan", 1, 5, None, "data", tmp_path / "runs", out)["test"]["source"]["acc"] == 0.74
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    text = classify_table.markdown(da_table.aggregate(summaries), summaries, "t")
+    assert "72.00 ± 2.83 (70.0, 74.0)" in text and "50.0, 35.0" in text
+    args = " ".join(classify_table.command("cifar10", "mn", 2, 5, "folder:/d", "/r", tmp_path))
+    assert "configs/cifar10_mn.yaml" in args and "--data.domain folder:/d" in args and "--trainer.max_epochs 5" in args

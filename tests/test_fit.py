@@ -31,7 +31,7 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
 def test_classify_smoke_config_runs_plain_classification_end_to_end(data, tmp_path):
     run = tmp_path / "run"
     done = fit("--config", str(ROOT / "configs" / "classify_smoke.yaml"), "--data.domain", f"npz:{data / 's.npz'}",
-               "--data.image_size", "32", "--data.batch_size", "16", "--trainer.max_epochs", "2",
+               "--data.resize", "32", "--data.batch_size", "16", "--trainer.max_epochs", "2",
                "--trainer.enable_progress_bar", "false", "--run_dir", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())

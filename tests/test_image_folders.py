@@ -12,7 +12,7 @@ from adamatch_uan.data import image_folders
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
+def _cache(tmp_path, monkeypatch):  # here in tmp_path, to count its files
     monkeypatch.setattr(image_folders, "cache_dir", lambda: tmp_path / "cache")
 
 
@@ -59,7 +59,7 @@ def test_the_cache_is_invalidated_when_a_file_changes_or_is_added(tmp_path):
 def test_images_of_different_sizes_need_an_image_size(tmp_path):
     make_folder(tmp_path / "data", per_class=1)
     write_image(tmp_path / "data" / "train" / "cat" / "big.png", size=(10, 12))
-    with pytest.raises(DomainError, match="one size.*--data.image_size"):
+    with pytest.raises(DomainError, match="one size.*--data.resize"):
         load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=None)
     assert load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=32)[0].shape == (3, 3, 32, 32)
 

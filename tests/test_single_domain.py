@@ -32,8 +32,8 @@ def test_batches_splits_and_sizes(npz):
     assert not torch.equal(again, torch.cat([b["source"][0] for b in batches]))  # reshuffled every epoch
 
 
-def test_image_size_and_max_train(npz):
-    data = SingleDomainDataModule(f"npz:{npz}", batch_size=4, max_train=8, image_size=32, num_classes=5)
+def test_resize_and_max_train(npz):
+    data = SingleDomainDataModule(f"npz:{npz}", batch_size=4, max_train=8, resize=32, num_classes=5)
     data.setup("fit")
     assert data.train_set[0].shape == (8, 3, 32, 32)
     with pytest.raises(ValueError, match="max_train"):

@@ -64,7 +64,7 @@ def decode(samples: Sequence[tuple[Path, int]], resize: Resize, resize_name: str
     shapes = {tuple(i.shape) for i in images}
     if len(shapes) > 1:
         raise DomainError(f"Expected images of one size, got {sorted(shapes)[:4]}; set an image size "
-                          f"(--data.image_size) to resize them")
+                          f"(--data.resize) to resize them")
     result = {"images": torch.stack(images), "labels": torch.tensor([label for _, label in samples])}
     folder.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(".partial")

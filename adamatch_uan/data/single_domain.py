@@ -32,7 +32,7 @@ class SingleDomainDataModule(L.LightningDataModule):
         eval_batch_size: batch size of evaluation loaders.
         test_fraction: test split of npz files or image folders without train/test folders.
         num_classes: classes (npz labels are checked against it).
-        image_size: side images are resized to; None keeps the domain's own (CIFAR 32, Tiny
+        resize: side images are resized to; None keeps the domain's own (CIFAR 32, Tiny
             ImageNet 64); 32 also pads 28×28 digits as the domain-adaptation data do.
         seed: seed of the validation split, the subsampling and the shuffling.
     """
@@ -40,13 +40,13 @@ class SingleDomainDataModule(L.LightningDataModule):
     def __init__(self, domain: str = "cifar10", root: str = str(DEFAULT_ROOT), download: bool = True,
                  batch_size: int = 128, val_fraction: float = 0.1, max_train: int | None = None,
                  eval_batch_size: int = 512, test_fraction: float = 0.2, num_classes: int = 10,
-                 image_size: int | None = None, seed: int = 0) -> None:
+                 resize: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
 
     def _load(self, train: bool) -> tuple[Tensor, Tensor]:
         hp = self.hparams
-        return load_domain(hp.domain, hp.root, train, hp.download, hp.test_fraction, hp.num_classes, hp.image_size)
+        return load_domain(hp.domain, hp.root, train, hp.download, hp.test_fraction, hp.num_classes, hp.resize)
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
