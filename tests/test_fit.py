@@ -104,10 +104,10 @@ def test_real_mnist_to_usps(tmp_path):
     run = tmp_path / "run"
     done = fit("--config", str(ROOT / "configs" / "smoke.yaml"), "--data.root", str(SHARED),
                "--data.target", f"npz:{SHARED / 'USPS' / 'usps_esl_16x16.npz'}", "--data.download", "false",
-               "--trainer.max_steps", "200", "--trainer.val_check_interval", "100",
+               "--trainer.max_steps", "100", "--trainer.val_check_interval", "50",
                "--trainer.enable_progress_bar", "false", "--norm", "bn", "--run_dir", str(run),
-               # 0.999 keeps 82 % of the initial weights after 200 steps: the EMA needs a shorter memory here.
-               "--model.init_args.ema_decay", "0.98")
+               # 0.999 keeps 90 % of the initial weights after 100 steps: the EMA needs a shorter memory here.
+               "--model.init_args.ema_decay", "0.95")
     assert done.returncode == 0, done.stderr[-3000:]
     test = json.loads((run / "results.json").read_text())["test"]
     assert test["source"]["acc"] > 0.8 and test["target"]["acc"] > 0.3, test
