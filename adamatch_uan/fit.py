@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
+from argparse import ArgumentError, ArgumentTypeError
 from pathlib import Path
 
 import lightning as L
@@ -28,19 +28,29 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from adamatch_uan.callbacks.backend_report import BackendReport
+from adamatch_uan.cli_errors import UserError, condense, our_message, report
 from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 from adamatch_uan.methods import DomainAdaptationMethod
 from adamatch_uan.models.slots import describe
+from adamatch_uan.norm import list_norms
 
 METRICS = ("acc", "precision", "recall", "f1")
+
+
+def norm_name(value: str) -> str:
+    """A registered norm name, checked when the command line is parsed."""
+    if value not in list_norms():
+        raise ArgumentTypeError(f"Expected a norm name in {{{', '.join(list_norms())}}}, got {value!r}; use --norm NAME")
+    return value
 
 
 class FitCLI(LightningCLI):
     """LightningCLI with the --norm shortcut, a run directory and results.json."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--norm", type=str | None, default=None,
-                            help="Shortcut for --model.init_args.norm (bn, mn, uan, uan_ctx, uan_paper, none).")
+        parser.add_argument("--norm", type=norm_name, default=None,
+                            help=f"Shortcut for --model.init_args.norm ({', '.join(list_norms())}).")
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Directory of this run (default: runs/<time>-<source>-<target>-<norm>).")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
@@ -81,6 +91,10 @@ class FitCLI(LightningCLI):
         self.save_config_kwargs["config_filename"] = "config.yaml"
 
     def instantiate_trainer(self, **kwargs):
+        # Read the data now, before the trainer's start-up lines: a missing or malformed file is then
+        # the only thing the user sees (setup is idempotent; fit's own call finds the data loaded).
+        self.datamodule.prepare_data()
+        self.datamodule.setup("fit")
         run = Path(self.config.run_dir)
         kwargs["logger"] = [CSVLogger(run, name="", version=""), TensorBoardLogger(run, name="", version="")]
         checkpoints = run / "checkpoints"
@@ -88,7 +102,7 @@ class FitCLI(LightningCLI):
         # without a monitor, writes last.ckpt at every validation instead.
         extra = [ModelCheckpoint(checkpoints, filename="best-{step}", monitor="val/source/acc", mode="max"),
                  ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
-                 FiniteExceptionCheckpoint(checkpoints), NonFiniteGuard()]
+                 FiniteExceptionCheckpoint(checkpoints), NonFiniteGuard(), BackendReport()]
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         kwargs["callbacks"] = [*configured, *extra]  # keyword callbacks would replace the configured ones
@@ -103,10 +117,22 @@ def results_table(results: dict) -> str:
 
 
 def main(args: list[str] | None = None) -> dict:
-    """Train, test the best checkpoint, write ``results.json`` in the run directory; return the results."""
-    cli = FitCLI(DomainAdaptationMethod, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 run=False, args=args,
-                 save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False})
+    """Train, test the best checkpoint, write ``results.json`` in the run directory; return the results.
+
+    Raises:
+        UserError: a bad option, config key or value (``cli_errors``); ``DomainError`` for bad data.
+    """
+    try:
+        cli = FitCLI(DomainAdaptationMethod, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     run=False, args=args, save_config_kwargs={"overwrite": True},
+                     parser_kwargs={"default_env": False, "exit_on_error": False})
+    except ArgumentError as error:
+        raise UserError(f"{condense(str(error))}\n(python -m adamatch_uan.fit --help lists the options)") from error
+    except ValueError as error:  # the classes' own validation of what the user gave
+        message = our_message(error)
+        if message is None:
+            raise
+        raise UserError(message) from error
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
     checkpoint = trainer.checkpoint_callback
@@ -125,12 +151,9 @@ def main(args: list[str] | None = None) -> dict:
 
 
 def run() -> None:
-    """``python -m adamatch_uan.fit``: ``main``, ending with a short message and status 1 when training diverges."""
-    try:
-        main()
-    except NonFiniteError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    """``python -m adamatch_uan.fit``: ``main``, ending with one short message on stderr and status 2 for a
+    user error (``--debug`` shows the traceback), status 1 when training diverges."""
+    report(main, extra={NonFiniteError: 1})
 
 
 if __name__ == "__main__":

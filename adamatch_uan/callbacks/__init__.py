@@ -1,5 +1,6 @@
 """Lightning callbacks that look inside training (gradient variance, activation distributions, mixture
-traces) and one that stops a diverging run (``NonFiniteGuard``).
+traces), one that stops a diverging run (``NonFiniteGuard``) and one that says where the mixture
+layers run (``BackendReport``).
 
 On from the command line with ``--trainer.callbacks+=GradientVariance`` /
 ``--trainer.callbacks+=ActivationPlot`` (options as ``--trainer.callbacks.every_n_steps 25``
@@ -7,9 +8,10 @@ right after), or from YAML under ``trainer.callbacks`` as the headline configs d
 """
 
 from adamatch_uan.callbacks.activation_plot import ActivationPlot
+from adamatch_uan.callbacks.backend_report import BackendReport
 from adamatch_uan.callbacks.gradient_variance import GradientVariance
 from adamatch_uan.callbacks.mixture_trace import MixtureTrace
 from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 
-__all__ = ["ActivationPlot", "FiniteExceptionCheckpoint", "GradientVariance", "MixtureTrace", "NonFiniteError",
+__all__ = ["ActivationPlot", "BackendReport", "FiniteExceptionCheckpoint", "GradientVariance", "MixtureTrace", "NonFiniteError",
            "NonFiniteGuard"]

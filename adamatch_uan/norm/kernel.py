@@ -25,24 +25,17 @@ the forward's first tau for the other three passes; it does the (K, C)-sized mat
 passes itself. Its node (``mixture_node.cpp``) is a C++ autograd Function, so a layer costs
 one call from Python forward and one backward. The passes work on blocks of one vector
 register: positions of a (sample, channel) row when P > 1, channels of a sample for
-(N, C, 1) inputs. Both files are built with torch's cpp_extension (the system C++ compiler
-and ninja) on first use and cached in ``$ADAMATCH_UAN_CACHE`` (default
-``~/.cache/adamatch_uan``). The node serves contiguous CPU float32/float64 inputs with
-K <= 8. Everything else, and every input when the environment sets
-``ADAMATCH_UAN_KERNEL=0`` or the build fails (with a warning), runs on the torch-ops
-backend below, which materialises (N, K, C, P) tensors.
+(N, C, 1) inputs. Both files are built on first use (``build.py``, or ahead of time with
+``python -m adamatch_uan.norm.build``). The node serves contiguous CPU float32/float64
+inputs with K <= 8. Everything else, and every input when the environment sets
+``ADAMATCH_UAN_KERNEL=0`` or the build fails (with a loud warning), runs on the torch-ops
+backend below, which materialises (N, K, C, P) tensors (``backend`` says which a call gets).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import math
-import os
-import platform
-import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -51,10 +44,8 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("mixture_kernel.cpp", "mixture_node.cpp")]
-_HEADER = Path(__file__).with_name("mixture_kernel.h")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
-          "-fassociative-math"]
+from adamatch_uan.norm import build
+
 # Up to this size the forward keeps the responsibilities (K x the input) for the later
 # passes, which then skip their exponentials; beyond it they recompute them, as reading a
 # cache that falls out of the CPU caches would cost more than the exponentials.
@@ -122,48 +113,27 @@ def parametrise(prior_logits: Tensor, raw_var: Tensor, min_weight: float, min_va
     return weights, log_weight, F.softplus(raw_var) + min_var
 
 
-def _cpu_signature() -> str:
-    # -march=native code must not be reused on a CPU with fewer instructions.
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return platform.machine() + flags
-
-
 @functools.cache
 def _extension():
-    """The compiled node (``mixture_node.cpp`` with the kernel), built by torch's
-    cpp_extension into ``$ADAMATCH_UAN_CACHE`` on first use, or None (with a warning)."""
-    if os.environ.get("ADAMATCH_UAN_KERNEL", "1") == "0":
-        return None
-    # On a CUDA build without a GPU, importing cpp_extension logs a CUDA_HOME warning that
-    # does not concern this CPU-only extension.
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-
-    text = b"".join(path.read_bytes() for path in (*_SOURCES, _HEADER))
-    key = hashlib.sha256(text + " ".join([*_FLAGS, torch.__version__, _cpu_signature()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("ADAMATCH_UAN_CACHE", Path.home() / ".cache" / "adamatch_uan"))
-    build = cache / f"mixture-{key}"
-    try:
-        build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(f"adamatch_uan_mixture_{key}", [str(p) for p in _SOURCES], extra_cflags=_FLAGS,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(build))
-    except Exception as error:  # a missing compiler, ninja or header: any build failure falls back
-        warnings.warn(f"Building the mixture kernel failed; the mixture layers use the slower torch-ops backend.\n"
-                      f"{str(error)[-2000:]}")
-        return None
+    """The compiled node (``mixture_node.cpp`` with the kernel), built once per process by
+    ``build.load`` (or None: ``ADAMATCH_UAN_KERNEL=0``, or a failed build, with a loud warning)."""
+    return build.load()
 
 
 def kernel_available() -> bool:
     """Whether the compiled CPU kernel can be used in this process."""
     return _extension() is not None
+
+
+def backend(device: torch.device | str, num_components: int) -> str:
+    """Which backend a mixture layer with K components on ``device`` runs (float32/64 inputs): a short phrase."""
+    if torch.device(device).type != "cpu":
+        return "torch ops (no compiled kernel for GPUs)"
+    if num_components > 8:
+        return "torch ops (K > 8)"
+    if _extension() is None:
+        return "torch ops (the compiled kernel is off or failed to build: see the warning)"
+    return "the compiled CPU kernel"
 
 
 def _uses_kernel(x: Tensor, mu: Tensor) -> bool:

@@ -1,0 +1,84 @@
+"""A person's mistakes end the CLI with one short message, status 2 and no traceback; bugs still raise."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from adamatch_uan.cli_errors import UserError, condense, report
+
+from conftest import ROOT, smoke_args
+
+CASES = {  # name -> (extra arguments given the data folder, what stderr must say)
+    "unknown norm": (lambda d: ["--norm", "layernorm"], ["'layernorm'", "bn, mn, none, uan", "--norm"]),
+    "unknown slot": (lambda d: ["--model.init_args.norm", '{"nowhere": "bn"}'], ["'nowhere'", "norm1", "--model.init_args.norm"]),
+    "bad option value": (lambda d: ["--model.init_args.norm_options", '{"inference": "bad"}'], ["'bad'", "inference"]),
+    "bad option type": (lambda d: ["--trainer.max_steps", "many"], ["trainer.max_steps", "many"]),
+    "bad config key": (lambda d: ["--model.init_args.lrr", "3"], ["'lrr' is not accepted", "--help"]),
+    "missing files": (lambda d: ["--data.source", "mnist", "--data.root", str(d / "empty"), "--data.download", "false"],
+                      ["train-images-idx3-ubyte", "--data.root"]),
+    "wrong checksum": (lambda d: ["--data.target", "svhn", "--data.root", str(d / "svhn"), "--data.download", "false"],
+                       ["Wrong checksum", "32x32.mat", "replace it"]),
+    "malformed npz": (lambda d: ["--data.target", f"npz:{d / 'junk.npz'}"], ["junk.npz", "npz"]),
+    "malformed image folder": (lambda d: ["--data.target", f"folder:{d / 'folder'}"], ["Could not read image", "bad.png"]),
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(data, tmp_path_factory):
+    """Every case through the real CLI, the subprocesses run side by side."""
+    bad = tmp_path_factory.mktemp("bad")
+    (bad / "svhn").mkdir()
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        (bad / "svhn" / name).write_bytes(b"not the file")
+    (bad / "junk.npz").write_bytes(b"not an npz")
+    (bad / "folder" / "cat").mkdir(parents=True)
+    (bad / "folder" / "cat" / "bad.png").write_bytes(b"not a png")
+    procs = {}
+    for name, (extra, _) in CASES.items():
+        run = bad / name.replace(" ", "_")
+        procs[name] = subprocess.Popen([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, run, 2), *extra(bad)],
+                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return {name: (p.wait(timeout=600), p.communicate()[1], bad / name.replace(" ", "_")) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_user_error_is_one_short_message_with_the_value_and_the_fix(outcomes, case):
+    status, stderr, run = outcomes[case]
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and len(lines) <= 6, stderr[-3000:]
+    for expected in CASES[case][1]:
+        assert expected in stderr, (expected, stderr[-3000:])
+    assert not (run / "results.json").exists()
+
+
+def test_debug_shows_the_traceback(data, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, tmp_path, 2), "--norm", "layernorm",
+                           "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_programming_errors_still_raise(capsys):
+    def buggy(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        report(buggy, [])
+
+    def user(argv):
+        raise UserError("Expected X, got Y; use --flag Z")
+
+    with pytest.raises(SystemExit) as exited:
+        report(user, [])
+    assert exited.value.code == 2 and "error: Expected X, got Y; use --flag Z" in capsys.readouterr().err
+
+
+def test_condense_drops_the_union_boilerplate():
+    message = ('Parser key "model":\n  Does not validate against any of the Union subtypes\n  Subtypes: [A, B]\n'
+               "  Errors:\n    - Problem with given class_path 'A':\n        Option 'lrr' is not accepted\n"
+               "    - Expected a <class 'NoneType'>\n  Given value type: <class 'X'>\n  Given value: X(lrr=3)")
+    assert condense(message).splitlines() == ['Parser key "model":', "    - Problem with given class_path 'A':",
+                                              "        Option 'lrr' is not accepted"]
