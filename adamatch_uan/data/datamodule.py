@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -25,26 +25,37 @@ class PairedBatches(IterableDataset):
     """Endless training batches ``{"source": (images, labels), "target": images}``.
 
     Each domain has its own infinite random sampler, so an epoch never truncates one domain
-    to the other's length. Target labels are not part of the batch.
+    to the other's length. Target labels are not part of the batch. The stream is a function
+    of the seed and the batch's position alone: a stream that starts at ``start()`` (the global
+    step a resumed run restarts from, read when iteration begins) replays the index draws of the
+    batches before it, without gathering their images, and continues exactly as an
+    uninterrupted run would, however far a loader prefetches.
     """
 
-    def __init__(self, source: tuple[Tensor, Tensor], target: Tensor, batch_size: int, uratio: int, seed: int) -> None:
+    def __init__(self, source: tuple[Tensor, Tensor], target: Tensor, batch_size: int, uratio: int, seed: int,
+                 start: Callable[[], int] | None = None) -> None:
         self.source, self.target = source, target
         self.batch_size, self.uratio, self.seed = batch_size, uratio, seed
+        self.start = start or (lambda: 0)
         self._stream: Iterator[dict] | None = None
 
     def __iter__(self) -> Iterator[dict]:
         # One stream for the object's lifetime: an epoch cut short (--trainer.limit_train_batches)
         # continues where the last one stopped instead of replaying the same batches.
         if self._stream is None:
-            self._stream = self._batches()
+            self._stream = self._batches(self.start())
         return self._stream
 
-    def _batches(self) -> Iterator[dict]:
+    def _batches(self, start: int) -> Iterator[dict]:
         generator = torch.Generator().manual_seed(self.seed)
         s = infinite_indices(len(self.source[0]), generator)
         t = infinite_indices(len(self.target), generator)
         images, labels = self.source
+        for _ in range(start):  # the draws of the batches before start, in the same order
+            for _ in range(self.batch_size):
+                next(s)
+            for _ in range(self.batch_size * self.uratio):
+                next(t)
         while True:
             si = torch.tensor([next(s) for _ in range(self.batch_size)])
             ti = torch.tensor([next(t) for _ in range(self.batch_size * self.uratio)])
@@ -104,7 +115,9 @@ class DomainPairDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return DataLoader(PairedBatches(self.source_train, self.target_train, hp.batch_size, hp.uratio, hp.seed),
+        # A resumed run's trainer has its global step back when the stream starts.
+        start = lambda: self.trainer.global_step if self.trainer is not None else 0  # noqa: E731
+        return DataLoader(PairedBatches(self.source_train, self.target_train, hp.batch_size, hp.uratio, hp.seed, start),
                           batch_size=None)
 
     def _eval(self, pair: tuple[Tensor, Tensor]) -> DataLoader:

@@ -157,6 +157,23 @@ class DomainAdaptationMethod(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, decay, kind))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # ---- exact resume: the random stream of augmentations, interpolation and sampling ----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = {"cpu": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Restored here, not when the checkpoint loads: what runs in between (the sanity check, new
+        # loader iterators) draws from the global generator, which the uninterrupted run did not.
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states:
+            torch.set_rng_state(states["cpu"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
