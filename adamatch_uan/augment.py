@@ -1,4 +1,4 @@
-"""Weak and strong views of image batches with kornia, on the batch's device (ALGORITHMS.md §5).
+"""Weak and strong views of image batches with kornia, on the batch's device (docs/METHOD.md §5).
 
 Images are float in [0, 1], shape (N, C, H, W); ``to_model_input`` maps them to the model's
 scale, (255 x − 127.5) / 128. ``to_unit`` turns the uint8 batches the data modules give
@@ -29,7 +29,7 @@ def to_unit(images: Tensor) -> Tensor:
 
 
 def to_model_input(images: Tensor) -> Tensor:
-    """[0, 1] images → the scale (x − 127.5) / 128 of x in [0, 255] (ALGORITHMS.md §5)."""
+    """[0, 1] images → the scale (x − 127.5) / 128 of x in [0, 255] (docs/METHOD.md §5)."""
     return (images * 255 - 127.5) / 128
 
 

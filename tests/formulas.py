@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §2 written literally with autograd: the reference the fused passes are tested against."""
+"""docs/METHOD.md §2 written literally with autograd: the reference the fused passes are tested against."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AdaMatch (ALGORITHMS.md §5): the pure functions on known values, and the training step."""
+"""AdaMatch (docs/METHOD.md §5): the pure functions on known values, and the training step."""
 
 import copy
 import math

@@ -37,3 +37,16 @@ def test_import_direction(part):
         bad = [m for m in imports(path) for f in FORBIDDEN[part] if m == f or m.startswith(f.rstrip(".") + ".")
                or (f.endswith(".") and m.startswith(f))]
         assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
+
+
+def test_readme_links_resolve_inside_the_repository():
+    import re
+
+    root = PACKAGE.parent
+    for document in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", document.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            resolved = (document.parent / target).resolve()
+            assert resolved.is_relative_to(root), f"{document.name} links outside the repository: {target}"
+            assert resolved.exists(), f"{document.name} links to a missing file: {target}"

@@ -1,4 +1,4 @@
-"""The mixture transform (ALGORITHMS.md §2) against its literal formula, on both backends."""
+"""The mixture transform (docs/METHOD.md §2) against its literal formula, on both backends."""
 
 import pytest
 import torch

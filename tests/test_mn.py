@@ -1,4 +1,4 @@
-"""Mixture Normalization (ALGORITHMS.md §3): EM recovery, schedule, evaluation."""
+"""Mixture Normalization (docs/METHOD.md §3): EM recovery, schedule, evaluation."""
 
 import pytest
 import torch

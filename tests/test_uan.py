@@ -1,4 +1,4 @@
-"""UAN (ALGORITHMS.md §4): constraints, learning, evaluation modes, contexts."""
+"""UAN (docs/METHOD.md §4): constraints, learning, evaluation modes, contexts."""
 
 import math
 

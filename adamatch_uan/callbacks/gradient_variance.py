@@ -1,4 +1,4 @@
-"""Gradient variance per layer during training (ALGORITHMS.md §6), logged and written as a tidy CSV.
+"""Gradient variance per layer during training (docs/METHOD.md §6), logged and written as a tidy CSV.
 
 For a parameter tensor W with gradient g = ∂L/∂W of n elements, the recorded value is the
 element-wise (population) variance  Var(g) = (1/n) Σ_i (g_i − ḡ)²,  ḡ = (1/n) Σ_i g_i,

@@ -16,7 +16,7 @@
 - ``folder:PATH``: an ImageFolder (PATH/class/image); PATH/train and PATH/test when both
   exist, else split by ``test_fraction``; decoded once and cached (``image_folders.py``).
 
-Preprocessing (ALGORITHMS.md §5), ``size=32``: 28×28 images are zero-padded by 2 px, 16×16
+Preprocessing (docs/METHOD.md §5), ``size=32``: 28×28 images are zero-padded by 2 px, 16×16
 ones are resized to 28×28 then padded, other sizes resized to 32×32; grey is repeated to 3
 channels. ``size=None`` keeps each dataset's own size (grey still becomes 3 channels);
 another int resizes to it.

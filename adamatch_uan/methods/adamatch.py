@@ -1,4 +1,4 @@
-"""AdaMatch (Berthelot et al., ICLR 2022) as the official code does it (ALGORITHMS.md §5).
+"""AdaMatch (Berthelot et al., ICLR 2022) as the official code does it (docs/METHOD.md §5).
 
 ``training_step`` reads like the algorithm; the maths lives in the small pure functions
 below, and every deviation from the official recipe is a named argument of ``AdaMatch``.

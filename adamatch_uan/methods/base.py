@@ -51,7 +51,7 @@ LR_SCHEDULES = ("adamatch", "cosine", "step")
 def lr_factor(step: int, total: int, decay: float, schedule: str = "adamatch") -> float:
     """lr(t)/lr₀ at step t of T.
 
-    - "adamatch": cos(arccos(decay) · t/T), 1 at t = 0 and ``decay`` at t = T (ALGORITHMS.md §5.8);
+    - "adamatch": cos(arccos(decay) · t/T), 1 at t = 0 and ``decay`` at t = T (docs/METHOD.md §5.8);
     - "cosine": ½ (1 + cos(π t/T)), 1 → 0;
     - "step": 1, then ×0.1 at t = T/2 and again at t = 3T/4.
     """

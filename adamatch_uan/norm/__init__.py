@@ -28,7 +28,7 @@ NORMS: dict[str, NormFactory] = {
     "bn": BatchNorm,
     "mn": MixtureNorm,
     "uan": UAN,
-    # UAN with the domain as context: source = 0, target = 1 (ALGORITHMS.md §4).
+    # UAN with the domain as context: source = 0, target = 1 (docs/METHOD.md §4).
     "uan_ctx": functools.partial(UAN, num_contexts=2),
     # The paper's literal reading: the task gradient alone fits the mixture, no variance floor,
     # evaluation with the learned μ, σ² (docs/RESULTS.md: it evaluates a mixture that describes nothing).

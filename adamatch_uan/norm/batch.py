@@ -1,4 +1,4 @@
-"""BatchNorm as torch implements it, for inputs of any rank (ALGORITHMS.md §1)."""
+"""BatchNorm as torch implements it, for inputs of any rank (docs/METHOD.md §1)."""
 
 from __future__ import annotations
 

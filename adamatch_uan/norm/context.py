@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# Context ids when the domain is the context (ALGORITHMS.md §4): source = 0, target = 1.
+# Context ids when the domain is the context (docs/METHOD.md §4): source = 0, target = 1.
 SOURCE, TARGET = 0, 1
 
 
@@ -30,7 +30,7 @@ def frozen_stats(model: nn.Module) -> Iterator[None]:
     estimates, UAN's running α/δ²) is snapshotted on entry and restored on exit. The restore
     swaps the snapshot in rather than copying into the old tensor, so a graph built inside
     the block, which may have saved those buffers, can still be backpropagated
-    (AdaMatch's source-only pass, ALGORITHMS.md §5 step 1). Parameters that a layer's
+    (AdaMatch's source-only pass, docs/METHOD.md §5 step 1). Parameters that a layer's
     forward writes like statistics (``module.written_parameters()``, e.g. UAN's momentum fit)
     are restored too, by copying the values back.
     """

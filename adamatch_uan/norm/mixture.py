@@ -1,4 +1,4 @@
-"""The mixture normalizing transform (ALGORITHMS.md §2), written once for MN and UAN.
+"""The mixture normalizing transform (docs/METHOD.md §2), written once for MN and UAN.
 
 Given a per-channel 1-D Gaussian mixture (λ, μ, σ²) that defines the responsibilities
 
@@ -131,7 +131,7 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
                       eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
                       running: kernel.Running | None = None, batch_stats: bool = True,
                       delta2_floor: Tensor | None = None) -> tuple[Tensor, BatchStats | None]:
-    """Apply the mixture normalizing transform of ALGORITHMS.md §2.
+    """Apply the mixture normalizing transform of docs/METHOD.md §2.
 
     Statistics and the output are computed in float32 (float64 stays float64) with autocast
     off; the result has the dtype of ``x``.

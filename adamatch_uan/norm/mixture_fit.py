@@ -1,4 +1,4 @@
-"""How UAN's learned mixture is tied to the activations it models (ALGORITHMS.md §4).
+"""How UAN's learned mixture is tied to the activations it models (docs/METHOD.md §4).
 
 The paper learns (λ, μ, σ²) by backpropagating the task loss alone. In training μ and σ²
 enter the output only through τ, whose dependence on them is weak when the components

@@ -1,4 +1,4 @@
-"""Mixture Normalization (MN, Kalayeh & Shah, TPAMI 2019; ALGORITHMS.md §3).
+"""Mixture Normalization (MN, Kalayeh & Shah, TPAMI 2019; docs/METHOD.md §3).
 
 No public implementation exists; this one makes these choices:
 

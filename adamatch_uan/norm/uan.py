@@ -1,4 +1,4 @@
-"""Unsupervised Adaptive Normalization (UAN, Faye et al., IJCNN 2024; ALGORITHMS.md §4)."""
+"""Unsupervised Adaptive Normalization (UAN, Faye et al., IJCNN 2024; docs/METHOD.md §4)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class UAN(nn.Module):
     ``var_floor`` keeps any component from normalizing by less than sqrt(var_floor) of the
     channel's std: a mixture that fits the activations puts components on their spikes
     (zero-padded digits give every channel a constant value over most positions), whose δ²
-    ≈ 0 would scale by 1/sqrt(ε) (ALGORITHMS.md §2; docs/RESULTS.md). At K = 1 the floor never
+    ≈ 0 would scale by 1/sqrt(ε) (docs/METHOD.md §2; docs/RESULTS.md). At K = 1 the floor never
     binds (δ² is the channel's variance), so the layer is still BatchNorm.
 
     With ``num_contexts`` set, each context has its own λ_{ctx,k,c} (μ, σ² shared) and
