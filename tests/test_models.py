@@ -47,6 +47,6 @@ def test_norm_placement_and_wide_resnet_defaults():
 
 
 def test_unknown_backbone_lists_choices():
-    with pytest.raises(ValueError, match="shallow_cnn, wide_resnet"):
+    with pytest.raises(ValueError, match="shallow_cnn, wide_resnet.*torchvision:NAME"):
         make_backbone("resnet50")
     assert list_backbones() == ["shallow_cnn", "wide_resnet"]

@@ -83,7 +83,9 @@ class DomainAdaptationMethod(L.LightningModule):
     loss), which ``GradientVariance(split=True)`` differentiates one by one.
 
     Args:
-        backbone: a name from ``adamatch_uan.models.BACKBONES``.
+        backbone: a name from ``adamatch_uan.models.BACKBONES``, or ``torchvision:NAME`` / ``timm:NAME``.
+        backbone_options: more options for the backbone's constructor (e.g. ``{"weights": "DEFAULT"}``
+            for a torchvision model).
         num_classes: classes.
         norm: anything ``make_norm`` accepts ("bn", "mn", "uan", "uan_ctx", ...), or a slot → norm
             mapping such as ``{"input": "uan_ctx", "default": "bn"}`` (``models.slots.NormChoice``).
@@ -110,12 +112,13 @@ class DomainAdaptationMethod(L.LightningModule):
                  lr_decay: float = 0.25, momentum: float = 0.9, mixture_lr_scale: float = 1.0, weight_decay: float = 1e-3,
                  ema_decay: float | None = 0.999, lr_schedule: str = "adamatch", flip: bool = False, strong_ops: int = 2, cutout: int = 16,
                  image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
-                 eval_contexts: Sequence[int] | None = None) -> None:
+                 eval_contexts: Sequence[int] | None = None, backbone_options: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if eval_contexts is not None and len(eval_contexts) != len(eval_names):
             raise ValueError(f"Expected one eval context per eval set {list(eval_names)}, got {list(eval_contexts)}")
-        self.model = make_backbone(backbone, num_classes, norm=norm, norm_at=norm_at, norm_options=norm_options)
+        self.model = make_backbone(backbone, num_classes, norm=norm, norm_at=norm_at, norm_options=norm_options,
+                                   **(backbone_options or {}))
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}, got {lr_schedule!r}; use --model.init_args.lr_schedule")
         self.ema = None

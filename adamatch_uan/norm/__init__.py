@@ -13,6 +13,7 @@ from torch import nn
 
 from adamatch_uan.norm.batch import BatchNorm
 from adamatch_uan.norm.context import SOURCE, TARGET, frozen_stats, mixture_parameters, uses_context
+from adamatch_uan.norm.convert import WithContext, convert_norms
 from adamatch_uan.norm.mixture import BatchStats, Mixture, mixture_normalize
 from adamatch_uan.norm.mn import MixtureNorm
 from adamatch_uan.norm.uan import UAN
@@ -61,5 +62,6 @@ def make_norm(norm: str | NormFactory, num_features: int, **options) -> nn.Modul
                      f"(num_features, **options) -> nn.Module, got {norm!r}; use --norm NAME")
 
 
-__all__ = ["NORMS", "SOURCE", "TARGET", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "NormFactory", "UAN", "frozen_stats",
+__all__ = ["NORMS", "SOURCE", "TARGET", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "NormFactory", "UAN",
+           "WithContext", "convert_norms", "frozen_stats",
            "list_norms", "make_norm", "mixture_normalize", "mixture_parameters", "uses_context"]
