@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adamatch_uan.norm.context import uses_context
-from adamatch_uan.norm.mixture import spread_mixture
-from adamatch_uan.norm.mn import MixtureNorm
+from adamatch_uan.norm.mn import MixtureNorm, spread_start
 from adamatch_uan.norm.uan import UAN
 
 
@@ -64,10 +63,8 @@ def start_from_batchnorm(layer: nn.Module, bn: _BatchNorm) -> None:
         layer.momentum = bn.momentum
     if bn.running_mean is None:
         return
-    levels, spread = spread_mixture(layer.num_components)
     m, v = bn.running_mean.float(), bn.running_var.float().clamp_min(1e-12)
-    mean = m + v.sqrt() * levels.unsqueeze(1)
-    var = (v * max(spread, 1e-3)).expand_as(mean)
+    _, mean, var = spread_start(m, v, layer.num_components, 0.0)
     if isinstance(layer, UAN):
         layer.mean.copy_(mean)
         raw = (var - layer.min_var).clamp_min(1e-12)

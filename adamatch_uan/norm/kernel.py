@@ -167,6 +167,30 @@ def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float
                                  beta, alpha, delta2, delta2_floor)
 
 
+def sums(x: Tensor, context: Tensor | None, floors: tuple[float, float] | None, weight_param: Tensor, mu: Tensor,
+         var_param: Tensor) -> tuple[Tensor, Tensor]:
+    """The transform's sums alone, differentiable: S (3, K, C) = Σ_pos τ_k {1, x − s, (x − s)²} about
+    each channel's first value s (C,; 0 for an empty batch), the tables as in ``transform``.
+
+    A distributed run all-reduces S between this call and ``transform`` with the statistics it
+    gives; the backward of S is the stats pass's (the compiled node's, or autograd's on torch ops).
+    """
+    if _uses_kernel(x, mu):
+        w, v = floors or (0.0, 0.0)
+        return tuple(_extension().sums(x, context, weight_param, mu, var_param, w, v, floors is not None))
+    if floors:
+        _, log_weight, var = parametrise(weight_param, var_param, *floors)
+    else:
+        log_weight, var = weight_param, var_param
+    lc = log_weight - 0.5 * torch.log(2 * math.pi * var)
+    table = (lc[context] if context is not None else lc.expand(x.shape[0], -1, -1)).unsqueeze(-1)
+    d = x.unsqueeze(1) - mu.unsqueeze(-1)
+    tau = torch.softmax(table - (0.5 / var).unsqueeze(-1) * d * d, dim=1)
+    shift = x[0, :, 0].detach() if len(x) else x.new_zeros(x.shape[1])
+    xt = (x - shift.view(1, -1, 1)).unsqueeze(1)
+    return torch.stack([tau.sum((0, 3)), (tau * xt).sum((0, 3)), (tau * xt * xt).sum((0, 3))]), shift
+
+
 # ---- torch-ops backend: the same passes, materialising (N, K, C, P) tensors ----
 
 class _TorchTransform(Function):

@@ -38,6 +38,7 @@ The shift is a constant: ∂α/∂s = 1 − S0/S0 = 0 in exact arithmetic.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor
 
 from adamatch_uan.norm import kernel
+from adamatch_uan.norm.sync import distributed, global_statistics
 
 
 class Mixture(NamedTuple):
@@ -100,6 +102,12 @@ def validate_context(context: Tensor | None, n: int, groups: int, device: torch.
     return context.to(device=device, dtype=torch.int64).contiguous()
 
 
+def positions(x: Tensor) -> Tensor:
+    """(N, C, *spatial) → the (N, C, P) view the passes read, P = the product of the spatial sizes (1
+    for (N, C)); an empty batch too."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
 def spread_mixture(num_components: int) -> tuple[Tensor, float]:
     """K means at the standard-normal quantiles Φ⁻¹((k + ½)/K) and the common variance
     1 − mean_k μ_k² that gives the equal-weight mixture mean 0 and variance 1: a start spread
@@ -130,7 +138,8 @@ def sample_positions(x: Tensor, max_samples: int) -> tuple[Tensor, Tensor]:
 def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tensor | None, bias: Tensor | None,
                       eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
                       running: kernel.Running | None = None, batch_stats: bool = True,
-                      delta2_floor: Tensor | None = None) -> tuple[Tensor, BatchStats | None]:
+                      delta2_floor: Tensor | None = None, sync: bool = False,
+                      group=None) -> tuple[Tensor, BatchStats | None]:
     """Apply the mixture normalizing transform of docs/METHOD.md §2.
 
     Statistics and the output are computed in float32 (float64 stays float64) with autocast
@@ -150,6 +159,10 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
         batch_stats: return the batch statistics (False skips making them for the caller).
         delta2_floor: (C,) a floor of δ_k² (a constant to backpropagation), or None:
             max(δ_k², floor_c) replaces δ_k² in y (not in the returned or running statistics).
+        sync: with batch statistics in a distributed run (``sync.distributed(group)``), take
+            them over every process of ``group`` (``sync.global_statistics``); a process may
+            then have an empty batch.
+        group: the process group (None: the default, every process).
 
     Returns:
         The normalized tensor (shape and dtype of x) and the batch statistics (None when
@@ -158,20 +171,40 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
     if x.dim() < 2:
         raise ValueError(f"Expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
     n, c = x.shape[:2]
-    if stats is None and x.numel() < 2 * c:
+    synced = stats is None and sync and distributed(group)
+    if stats is None and not synced and x.numel() < 2 * c:
         raise ValueError(f"Expected more than 1 value per channel in training to compute batch statistics, "
                          f"got input of shape {tuple(x.shape)}")
     floors = mixture[3:] if isinstance(mixture, LearnedMixture) else None
     context = validate_context(context, n, mixture[0].shape[0], x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext():
-        x3 = x.reshape(n, c, -1).to(compute).contiguous()
+        x3 = positions(x).to(compute).contiguous()
         gamma = weight if weight is not None else torch.ones(c, device=x.device)
         beta = bias if bias is not None else torch.zeros(c, device=x.device)
         given = (None, None) if stats is None else stats
         # The kernel reads raw pointers: every table contiguous in the compute dtype.
         tensors = [t if t is None or (t.dtype == compute and t.is_contiguous()) else t.to(compute).contiguous()
                    for t in (*mixture[:3], gamma, beta, *given, delta2_floor)]
+        if synced:
+            return _synced(x3, x, context, eps, floors, running, batch_stats, tensors, group)
         out = kernel.transform(x3, context, eps, floors, running, batch_stats, *tensors)
     batch = BatchStats(*out[1:]) if len(out) > 1 else None
     return out[0].reshape(x.shape).to(x.dtype), batch
+
+
+def _synced(x3: Tensor, x: Tensor, context: Tensor | None, eps: float, floors, running: kernel.Running | None,
+            batch_stats: bool, tensors: list, group) -> tuple[Tensor, BatchStats | None]:
+    """The transform with every process's batch statistics: local sums, all-reduced, then given."""
+    weight_param, mu, var_param, gamma, beta, _, _, delta2_floor = tensors
+    sums, shift = kernel.sums(x3, context, floors, weight_param, mu, var_param)
+    count, alpha, delta2 = global_statistics(sums, shift, len(x3) > 0, group)
+    if running is not None:
+        with torch.no_grad():
+            mean, var, momentum = running
+            mean.lerp_(alpha.to(mean.dtype), momentum)
+            var.lerp_((delta2 * count / (count - 1).clamp_min(1)).to(var.dtype), momentum)
+    (y,) = kernel.transform(x3, context, eps, floors, None, False, weight_param, mu, var_param, gamma, beta,
+                            alpha.contiguous(), delta2.contiguous(), delta2_floor)
+    batch = BatchStats(count, alpha.detach(), delta2.detach()) if batch_stats else None
+    return y.reshape(x.shape).to(x.dtype), batch

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from adamatch_uan.norm.sync import all_reduce
+
 
 def log_joint(values: Tensor, rows: Tensor, log_weight: Tensor, mean: Tensor, var: Tensor,
               context: Tensor | None) -> Tensor:
@@ -57,14 +59,17 @@ def mixture_nll(values: Tensor, rows: Tensor, log_weight: Tensor, mean: Tensor, 
 
 @torch.no_grad()
 def component_shares(values: Tensor, rows: Tensor, log_weight: Tensor, mean: Tensor, var: Tensor,
-                     context: Tensor | None) -> tuple[Tensor, Tensor]:
+                     context: Tensor | None, process_group=False) -> tuple[Tensor, Tensor]:
     """Per context g, the mean responsibility of each component over its sampled values:
-    share_gk = mean_{x in g} τ_k(x), (G, K, C), and which contexts had values (G,)."""
+    share_gk = mean_{x in g} τ_k(x), (G, K, C), and which contexts had values (G,); with a
+    ``process_group`` (None: every process; False: this one alone) over every process's values."""
     tau = torch.softmax(log_joint(values, rows, log_weight, mean, var, context), dim=1)  # (S, K, C)
     groups = log_weight.shape[0]
     group = context[rows] if context is not None else torch.zeros_like(rows)
     total = tau.new_zeros(groups, *tau.shape[1:]).index_add_(0, group, tau)
     count = torch.bincount(group, minlength=groups).to(tau.dtype)
+    if process_group is not False:
+        total, count = all_reduce(total, process_group), all_reduce(count, process_group)
     return total / count.clamp_min(1).view(-1, 1, 1), count > 0
 
 

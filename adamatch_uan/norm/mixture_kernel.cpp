@@ -899,6 +899,7 @@ struct ForwardPass {
     if (a.parametrised) parametrise<T>(a, c0, c1);
     logit_terms<T>(a, c0, c1);
     if (a.sums) a.tau ? stats<T, K, kStore>(a, c0, c1) : stats<T, K, kRecompute>(a, c0, c1);
+    if (a.phase == 1) return;  // the sums alone
     output_tables<T>(a, c0, c1);
     if (a.sums && a.running_mean) track_running<T>(a, c0, c1);
     a.tau ? apply<T, K, kLoad>(a, c0, c1) : apply<T, K, kRecompute>(a, c0, c1);
@@ -912,6 +913,10 @@ template <typename T, int K>
 struct BackwardPass {
   template <bool Params, int Mode>
   static void passes(const MixArgs& a, int64_t c0, int64_t c1) {
+    if (a.phase == 1) {  // the sums alone: dS is given, the output pass's reductions are zero
+      stats_backward<T, K, Params, Mode>(a, c0, c1);
+      return;
+    }
     apply_backward<T, K, Params, Mode>(a, c0, c1);
     sums_gradient<T>(a, c0, c1);
     if (a.sums) stats_backward<T, K, Params, Mode>(a, c0, c1);
@@ -964,8 +969,12 @@ int mix_backward(int is_double, const MixArgs* a, int threads) {
   MixArgs b = *a;
   char* base = reinterpret_cast<char*>(thread_scratch<double, kBackwardTables>(3 * KC + 8 * GKC));
   const int64_t size = is_double ? sizeof(double) : sizeof(float);
-  b.dS = base;
   b.red = base + 3 * KC * size;
   b.red2 = a->sums ? base + (3 * KC + 5 * GKC) * size : nullptr;
+  if (a->phase == 1) {
+    std::memset(b.red, 0, 5 * GKC * size);  // no output pass: parameter_grads reads zeros
+  } else {
+    b.dS = base;
+  }
   return run<BackwardPass>(is_double, &b, threads);
 }

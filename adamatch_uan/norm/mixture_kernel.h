@@ -42,8 +42,12 @@ struct MixArgs {
   // (or sigma^2), given alpha and delta^2, gamma, beta.
   void *g_weight, *g_mu, *g_var, *g_alpha, *g_delta2, *g_gamma, *g_beta;
   int64_t need_param_grads;
+  // 0: the whole transform. 1: the sums alone (for a distributed run, which all-reduces them
+  // between calls): mix_forward stops after the stats pass; mix_backward takes dS as given and
+  // runs the stats pass's backward only (out must be zeroed; A and scale are unused).
+  int64_t phase;
   // Scratch of mix_backward, set by the call itself.
-  void* dS;                  // (3, K, C) gradient of the sums
+  void* dS;                  // (3, K, C) gradient of the sums (given with phase 1)
   void* red;                 // (5, G, K, C) reductions of the output backward
   void* red2;                // (3, G, K, C) reductions of the stats backward
 };

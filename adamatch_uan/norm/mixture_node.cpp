@@ -223,6 +223,80 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
   }
 };
 
+// The sums alone, S (3, K, C) over positions of tau_k * {1, x - s, (x - s)^2} about each
+// channel's first value s (C,), for a distributed run that all-reduces them between this
+// node and the transform with given statistics; the backward takes dL/dS and runs the stats
+// pass's backward (input gradient and the mixture's parameter gradients through tau).
+struct SumsNode : public torch::autograd::Function<SumsNode> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& context,
+                               const Tensor& weight_param, const Tensor& mu, const Tensor& var_param,
+                               double min_weight, double min_var, bool parametrised) {
+    const Tensor none;
+    const Tensor ones = at::ones({x.size(1)}, x.options()), zeros = at::zeros({x.size(1)}, x.options());
+    const Inputs in{x, context.value_or(Tensor()), weight_param, mu, var_param, ones, zeros, none, none, none};
+    check_inputs(in);
+    const int64_t N = x.size(0), C = x.size(1), P = x.size(2), K = mu.size(0), G = weight_param.size(0);
+    const Layout layout(N, C, P, K, G, parametrised, true, false);
+    // Zeros: the backward's parameter gradients read the output tables, which this node never fills.
+    Tensor work = at::zeros({layout.size}, x.options());
+    MixArgs a = make_args(in, work, layout, 1.0, parametrised, min_weight, min_var);
+    a.phase = 1;
+    if (N > 0) TORCH_CHECK(mix_forward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel sums failed");
+    ctx->save_for_backward({x, in.context, weight_param, mu, var_param});
+    ctx->saved_data["work"] = work;
+    ctx->saved_data["min_weight"] = min_weight;
+    ctx->saved_data["min_var"] = min_var;
+    ctx->saved_data["parametrised"] = parametrised;
+    Tensor sums = work.narrow(0, layout.sums, 3 * K * C).view({3, K, C}).clone();
+    Tensor shift = work.narrow(0, layout.shift, C).clone();
+    ctx->mark_non_differentiable({shift});
+    return {sums, shift};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "the mixture transform cannot be differentiated twice (backward with create_graph=True)");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor none;
+    const Tensor ones = at::ones({x.size(1)}, x.options()), zeros = at::zeros({x.size(1)}, x.options());
+    const Inputs in{x, saved[1], saved[2], saved[3], saved[4], ones, zeros, none, none, none};
+    const bool parametrised = ctx->saved_data["parametrised"].toBool();
+    const int64_t N = x.size(0), C = x.size(1), P = x.size(2), K = in.mu.size(0), G = in.weight_param.size(0);
+    const Layout layout(N, C, P, K, G, parametrised, true, false);
+    const Tensor work = ctx->saved_data["work"].toTensor();
+    const Tensor g_sums = grad_outputs[0].defined() ? grad_outputs[0].contiguous() : at::zeros({3, K, C}, x.options());
+    Tensor dx = at::zeros_like(x);
+    Tensor g_weight = at::empty_like(in.weight_param), g_mu = at::empty_like(in.mu), g_var = at::empty_like(in.var_param);
+    Tensor g_gamma = at::empty_like(ones), g_beta = at::empty_like(ones), g_stats = at::empty({2, K, C}, x.options());
+    MixArgs a = make_args(in, work, layout, 1.0, parametrised, ctx->saved_data["min_weight"].toDouble(),
+                          ctx->saved_data["min_var"].toDouble());
+    a.phase = 1;
+    a.dS = g_sums.data_ptr();
+    a.grad = nullptr;
+    a.out = dx.data_ptr();
+    a.g_weight = g_weight.data_ptr();
+    a.g_mu = g_mu.data_ptr();
+    a.g_var = g_var.data_ptr();
+    a.g_gamma = g_gamma.data_ptr();
+    a.g_beta = g_beta.data_ptr();
+    a.g_alpha = g_stats[0].data_ptr();
+    a.g_delta2 = g_stats[1].data_ptr();
+    a.need_param_grads = true;
+    if (N > 0) {
+      TORCH_CHECK(mix_backward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel sums backward failed");
+    } else {
+      g_weight.zero_(), g_mu.zero_(), g_var.zero_();
+    }
+    return {dx, none, g_weight, g_mu, g_var, none, none, none};
+  }
+};
+
+variable_list sums(const Tensor& x, const std::optional<Tensor>& context, const Tensor& weight_param, const Tensor& mu,
+                   const Tensor& var_param, double min_weight, double min_var, bool parametrised) {
+  return SumsNode::apply(x, context, weight_param, mu, var_param, min_weight, min_var, parametrised);
+}
+
 variable_list transform(const Tensor& x, const std::optional<Tensor>& context, const Tensor& weight_param,
                         const Tensor& mu, const Tensor& var_param, const Tensor& gamma, const Tensor& beta,
                         const std::optional<Tensor>& alpha, const std::optional<Tensor>& delta2,
@@ -238,4 +312,5 @@ variable_list transform(const Tensor& x, const std::optional<Tensor>& context, c
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transform", &transform, "The mixture transform as one autograd node (see kernel.transform).");
+  m.def("sums", &sums, "The transform's sums alone, as an autograd node (see kernel.sums).");
 }

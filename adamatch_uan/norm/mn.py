@@ -32,19 +32,25 @@ import math
 import torch
 from torch import Tensor, nn
 
-from adamatch_uan.norm.mixture import Mixture, mixture_normalize, sample_positions, spread_mixture
+from adamatch_uan.norm.mixture import Mixture, mixture_normalize, positions, sample_positions, spread_mixture
+from adamatch_uan.norm.sync import all_reduce, channel_moments, distributed
 
 # A component whose share of the subsample falls below this keeps its previous estimates.
 _EMPTY_SHARE = 1e-6
 
 
 def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: int,
-           min_var: float | Tensor, min_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+           min_var: float | Tensor, min_weight: float = 0.0, process_group=False) -> tuple[Tensor, Tensor, Tensor]:
     """EM for a 1-D Gaussian mixture per channel, started from (weight, mean, var).
 
     E-step: log τ_k = log λ_k + log N(x; μ_k, σ_k²) − logsumexp_j(·).
     M-step: λ_k = mean τ_k (≥ min_weight, renormalised), μ_k = Σ τ_k x / Σ τ_k,
     σ_k² = Σ τ_k (x − μ_k)² / Σ τ_k (≥ min_var).
+
+    Distributed (``process_group`` None for every process, or a group): every process runs the
+    same iterations from the same start on its own samples, with the M-step's sums Σ τ, Σ τ x,
+    Σ τ x² (and the sample count) all-reduced, so all hold the fit of all the samples
+    (σ² then as Σ τ x² / Σ τ − μ²).
 
     Args:
         samples: (C, M) float32 values per channel.
@@ -52,10 +58,15 @@ def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: in
         iters: EM iterations.
         min_var: floor of σ², a number or one per channel (C,).
         min_weight: floor of λ.
+        process_group: False (this process alone), None (every process) or a process group.
 
     Returns:
         (weight, mean, var), each (K, C).
     """
+    synced = process_group is not False
+    count = float(samples.shape[-1])
+    if synced:
+        count = float(all_reduce(samples.new_tensor([count]), process_group))
     x = samples.unsqueeze(0)  # (1, C, M)
     weight, mean, var = weight.clone(), mean.clone(), var.clone()
     min_var = torch.as_tensor(min_var, dtype=samples.dtype, device=samples.device)
@@ -65,22 +76,30 @@ def em_fit(samples: Tensor, weight: Tensor, mean: Tensor, var: Tensor, iters: in
                  - (x - mean.unsqueeze(-1)) ** 2 / (2 * var.unsqueeze(-1)))
         tau = torch.softmax(log_p, dim=0)  # (K, C, M)
         mass = tau.sum(-1)
-        alive = mass > _EMPTY_SHARE * samples.shape[-1]
+        if synced:  # one all-reduce per iteration: the mass and the first two moments
+            mass, first, second = all_reduce(torch.stack([mass, (tau * x).sum(-1), (tau * x * x).sum(-1)]),
+                                             process_group)
+        alive = mass > _EMPTY_SHARE * count
         safe = mass.clamp_min(torch.finfo(mass.dtype).tiny)
-        new_mean = (tau * x).sum(-1) / safe
-        new_var = ((tau * (x - new_mean.unsqueeze(-1)) ** 2).sum(-1) / safe).clamp_min(min_var)
-        weight = (mass / samples.shape[-1]).clamp_min(min_weight)
+        if synced:
+            new_mean = first / safe
+            new_var = (second / safe - new_mean * new_mean).clamp_min(min_var)
+        else:
+            new_mean = (tau * x).sum(-1) / safe
+            new_var = ((tau * (x - new_mean.unsqueeze(-1)) ** 2).sum(-1) / safe).clamp_min(min_var)
+        weight = (mass / max(count, 1.0)).clamp_min(min_weight)
         mean = torch.where(alive, new_mean, mean)
         var = torch.where(alive, new_var, var)
     return weight / weight.sum(0, keepdim=True), mean, var
 
 
-def spread_start(samples: Tensor, num_components: int, min_var: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def spread_start(channel_mean: Tensor, channel_var: Tensor, num_components: int,
+                 min_var: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Uniform weights, μ_k = m + s Φ⁻¹((k + ½)/K) and σ_k² = s² (1 − mean_j Φ⁻¹(·)²) from the
-    channel's mean m and std s (the mixture then has the channel's mean and variance); each (K, C)."""
+    channel's mean m and variance s² (C,) (the mixture then has the channel's mean and variance);
+    each (K, C)."""
     levels, spread = spread_mixture(num_components)
-    channel_mean, channel_var = samples.mean(1), samples.var(1, correction=0)
-    mean = channel_mean + channel_var.sqrt() * levels.to(samples).unsqueeze(1)
+    mean = channel_mean + channel_var.sqrt() * levels.to(channel_mean).unsqueeze(1)
     var = (channel_var * max(spread, 1e-3)).clamp_min(min_var).expand_as(mean).clone()
     return torch.full_like(mean, 1 / num_components), mean, var
 
@@ -129,6 +148,8 @@ class MixtureNorm(nn.Module):
         self.register_buffer("running_delta2", torch.ones(K, C))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("num_fits", torch.tensor(0, dtype=torch.long))
+        # Statistics and EM over every process of process_group in training (set by norm.MixtureSync).
+        self.sync, self.process_group = False, None
 
     def _floor(self, prefix: str) -> Tensor | None:
         return self.var_floor * getattr(self, f"{prefix}_channel_var") if self.var_floor > 0 else None
@@ -140,23 +161,27 @@ class MixtureNorm(nn.Module):
 
     @torch.no_grad()
     def _fit(self, x: Tensor) -> None:
-        _, sampled = sample_positions(x.detach().float().reshape(*x.shape[:2], -1), self.max_samples)
+        _, sampled = sample_positions(positions(x.detach().float()), self.max_samples)
         values = sampled.T.contiguous()  # (C, S)
-        channel_var = values.var(1, correction=0)
+        synced = self.sync and distributed(self.process_group)
+        if synced:  # every process's samples: the same start and fit on all
+            channel_mean, channel_var = channel_moments(sampled, self.process_group)
+        else:
+            channel_mean, channel_var = values.mean(1), values.var(1, correction=0)
         min_var = (self.var_floor * channel_var).clamp_min(self.min_var)
         first = bool(self.num_fits == 0)
         if first:
-            start = spread_start(values, self.num_components, min_var)
+            start = spread_start(channel_mean, channel_var, self.num_components, min_var)
         else:
             start = (self.running_weight, self.running_mean, self.running_var)
-        fit = em_fit(values, *start, iters=self.em_iters, min_var=min_var, min_weight=self.min_weight)
+        fit = em_fit(values, *start, iters=self.em_iters, min_var=min_var, min_weight=self.min_weight,
+                     process_group=self.process_group if synced else False)
         self.fit_channel_var.copy_(channel_var)
-        self.running_channel_var.copy_(channel_var) if first else self.running_channel_var.lerp_(channel_var,
-                                                                                                 self.momentum)
-        for name, value in zip(("weight", "mean", "var"), fit):
-            getattr(self, f"fit_{name}").copy_(value)
+        for name, value in zip(("channel_var", "weight", "mean", "var"), (channel_var, *fit)):
+            if name != "channel_var":
+                getattr(self, f"fit_{name}").copy_(value)
             running = getattr(self, f"running_{name}")
-            running.copy_(value) if first else running.lerp_(value, self.momentum)
+            running.copy_(value) if first else running.lerp_(value.to(running.dtype), self.momentum)
         self.num_fits.add_(1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -173,7 +198,7 @@ class MixtureNorm(nn.Module):
         floor = self._floor("fit")  # a new tensor, as the fit's copies
         running = (self.running_alpha, self.running_delta2, self.momentum)
         y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running, batch_stats=False,
-                                 delta2_floor=floor)
+                                 delta2_floor=floor, sync=self.sync, group=self.process_group)
         self.num_batches_tracked.add_(1)
         return y
 

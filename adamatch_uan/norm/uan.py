@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from adamatch_uan.norm.kernel import parametrise
-from adamatch_uan.norm.mixture import (LearnedMixture, Mixture, mixture_normalize, sample_positions, spread_mixture,
-                                       validate_context)
+from adamatch_uan.norm.mixture import (LearnedMixture, Mixture, mixture_normalize, positions, sample_positions,
+                                       spread_mixture, validate_context)
 from adamatch_uan.norm.mixture_fit import add_to_objective, component_shares, mixture_nll, stepwise_update
+from adamatch_uan.norm.sync import channel_moments, distributed
 
 Inference = Literal["learned", "running"]
 MixtureFit = Literal["gradient", "likelihood", "momentum"]
@@ -103,6 +104,8 @@ class UAN(nn.Module):
         self.mixture_fit, self.likelihood_weight, self.max_samples = mixture_fit, likelihood_weight, max_samples
         self.var_floor = var_floor
         self.last_nll: Tensor | None = None  # the latest training forward's NLL term (likelihood fit), for logging
+        # Statistics over every process of process_group in training (set by norm.MixtureSync).
+        self.sync, self.process_group = False, None
         means, var = spread_mixture(num_components)
         var = max(var, 2 * min_var)
         K, C, G = num_components, num_features, num_contexts or 1
@@ -167,29 +170,37 @@ class UAN(nn.Module):
         return mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, stats, delta2_floor=floor)[0]
 
     def _train_forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        x3 = x.reshape(*x.shape[:2], -1) if x.dim() >= 2 else x
+        x3 = positions(x) if x.dim() >= 2 else x
         likelihood = self.mixture_fit == "likelihood" and self.likelihood_weight > 0 and torch.is_grad_enabled()
         momentum = self.mixture_fit == "momentum"
         floor = shares = None
-        if (likelihood or momentum or self.var_floor > 0) and x3.dim() == 3 and x3.shape[0] * x3.shape[2] >= 2:
+        # Synced, every process joins the collectives below, an empty batch included.
+        synced = self.sync and distributed(self.process_group)
+        n_positions = x3.shape[0] * x3.shape[2] if x3.dim() == 3 else 0
+        if (likelihood or momentum or self.var_floor > 0) and x3.dim() == 3 and (synced or n_positions >= 2):
             rows, values = sample_positions(x3, self.max_samples)
-            channel_var = values.to(torch.promote_types(values.dtype, torch.float32)).var(0, correction=0)
+            if synced:
+                channel_var = channel_moments(values, self.process_group)[1]
+            else:
+                channel_var = values.to(torch.promote_types(values.dtype, torch.float32)).var(0, correction=0)
             self.running_channel_var.lerp_(channel_var.to(self.running_channel_var.dtype), self.momentum)
             floor = self.var_floor * channel_var if self.var_floor > 0 else None
             _, log_weight, var = parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)
-            if likelihood:
+            if likelihood and len(values):
                 nll = mixture_nll(values, rows, log_weight, self.mean, var, context)
                 self.last_nll = nll.detach()
                 x = add_to_objective(x, nll, self.likelihood_weight)
             if momentum:
-                shares = component_shares(values, rows, log_weight, self.mean, var, context)
+                group = self.process_group if synced else False
+                shares = component_shares(values, rows, log_weight, self.mean, var, context, group)
         # Momentum writes the parameters in place below: the transform saves copies of them for its backward.
         params = [p.clone() if momentum else p for p in self.mixture_parameters()]
         # The transform differentiates through the parametrisation itself (one autograd node).
         learned = LearnedMixture(*params, self.min_weight, self.min_var)
         running = (self.running_mean, self.running_var, self.momentum)
         y, batch = mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, running=running,
-                                     batch_stats=shares is not None, delta2_floor=floor)
+                                     batch_stats=shares is not None, delta2_floor=floor, sync=synced,
+                                     group=self.process_group)
         if shares is not None:
             stepwise_update(*self.mixture_parameters(), *shares, batch.mean, batch.var, self.momentum,
                             self.min_weight, self.min_var)
