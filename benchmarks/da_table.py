@@ -44,6 +44,7 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
     "uan_running": "AdaMatch + UAN, task-gradient fit, BatchNorm's rule (inference=\"running\")",
 }
+TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_ctx", "uan_input"]  # docs/RESULTS.md's rows; uan_running on request
 PAIRS = {  # pair -> data arguments given the data root
     "mnist_usps": lambda root: ["--data.source", "mnist", "--data.target", f"npz:{Path(root) / USPS_NPZ}"],
     "usps_mnist": lambda root: ["--data.source", f"npz:{Path(root) / USPS_NPZ}", "--data.target", "mnist"],
@@ -61,6 +62,17 @@ def command(pair: str, row: str, seed: int, steps: int, data_root: str, run_dir:
     return [sys.executable, "-m", "adamatch_uan.fit", "--config", str(Path("configs") / f"{pair}_{row}.yaml"),
             "--data.root", data_root, "--data.download", "false", *PAIRS[pair](data_root), *budget(steps),
             "--seed_everything", str(seed), "--data.seed", str(seed), "--run_dir", str(run_dir)]
+
+
+def commit() -> str | None:
+    """The code's git commit (with "+dirty" for uncommitted changes), None outside a checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def machine() -> str:
@@ -86,7 +98,7 @@ def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
         print("+", " ".join(args), flush=True)
         done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     summary = {**fields, "command": " ".join(args[1:]), "minutes": round((time.time() - started) / 60, 2),
-               "date": datetime.date.today().isoformat(), "machine": machine()}
+               "date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit()}
     if (run_dir / "results.json").exists():
         results = json.loads((run_dir / "results.json").read_text())
         summary.update(status="finished", trained_steps=results["steps"], test=results["test"],
@@ -162,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", choices=list(PAIRS), required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=TABLE_ROWS)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "da_table"), help="where run directories go")
