@@ -65,10 +65,12 @@ def command(pair: str, row: str, seed: int, steps: int, data_root: str, run_dir:
 
 
 def commit() -> str | None:
-    """The code's git commit (with "+dirty" for uncommitted changes), None outside a checkout."""
+    """The code's git commit (with "+dirty" for uncommitted changes outside the results), None outside a
+    checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"], cwd=ROOT,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
