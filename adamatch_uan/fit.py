@@ -13,12 +13,15 @@ exception, unless the model then holds a NaN or Inf), and at the very end ``resu
 without ``results.json`` is an unfinished run. ``--ckpt_path PATH`` resumes a run. The first
 non-finite loss or gradient stops the run with a message naming the step, loss term and
 layers (``callbacks.NonFiniteGuard``), and the command exits with status 1.
+``--trainer.sync_batchnorm true`` syncs every norm layer's statistics across processes under
+DDP (``callbacks.MixtureSync``), not only BatchNorm's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from argparse import ArgumentError, ArgumentTypeError
 from pathlib import Path
@@ -29,6 +32,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from adamatch_uan.callbacks.backend_report import BackendReport
+from adamatch_uan.callbacks.mixture_sync import MixtureSync
 from adamatch_uan.cli_errors import UserError, condense, our_message, report
 from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 from adamatch_uan.methods import DomainAdaptationMethod
@@ -106,6 +110,12 @@ class FitCLI(LightningCLI):
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         kwargs["callbacks"] = [*configured, *extra]  # keyword callbacks would replace the configured ones
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("sync_batchnorm"):
+            # Lightning's switch, for every norm layer: torch's conversion knows only BatchNorm (and no CPU).
+            plugins = trainer_config.get("plugins") or []
+            kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), MixtureSync()]
+            kwargs["sync_batchnorm"] = False
         return super().instantiate_trainer(**kwargs)
 
 
@@ -139,14 +149,17 @@ def main(args: list[str] | None = None) -> dict:
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     tested = trainer.test(model, datamodule=data, ckpt_path=best)
     merged = {k: v for d in tested for k, v in d.items()}
-    results = {"run_dir": cli.config.run_dir, "checkpoint": best, "steps": trainer.global_step,
+    # A spawned run (ddp_spawn) trains in child processes and hands back only the weights: the step count stays there.
+    spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"
+    results = {"run_dir": cli.config.run_dir, "checkpoint": best, "steps": None if spawned else trainer.global_step,
                "test": {name: {m: merged[f"test/{name}/{m}"] for m in METRICS if f"test/{name}/{m}" in merged}
                         for name in model.eval_names}}
-    run = Path(cli.config.run_dir)
-    partial = run / "results.json.partial"
-    partial.write_text(json.dumps(results, indent=2))
-    os.replace(partial, run / "results.json")  # a run dir has results.json only once finished
-    print(results_table(results))
+    if trainer.is_global_zero:  # under DDP every process gets here (ddp_spawn: the launching one)
+        run = Path(cli.config.run_dir)
+        partial = run / "results.json.partial"
+        partial.write_text(json.dumps(results, indent=2))
+        os.replace(partial, run / "results.json")  # a run dir has results.json only once finished
+        print(results_table(results))
     return results
 
 

@@ -2,14 +2,17 @@
 
 import json
 import math
+import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from adamatch_uan.methods import AdaMatch, SourceOnly
-from adamatch_uan.methods.base import lr_factor, optimizer_groups
+from adamatch_uan.methods.base import EMAUpdate, lr_factor, optimizer_groups
 from adamatch_uan.models import make_backbone
+from adamatch_uan.norm import sync_norms
 
 from conftest import quiet_trainer, toy_eval_batches, toy_train_batches
 
@@ -89,3 +92,46 @@ def test_metrics_and_confusion_matrix_per_evaluation_set(tmp_path):
 def test_eval_contexts_must_match_eval_sets():
     with pytest.raises(ValueError, match="eval context"):
         AdaMatch(eval_names=["source", "target"], eval_contexts=[0])
+
+
+def test_a_model_with_an_ema_copy_pickles_as_ddp_spawn_needs():
+    method = AdaMatch(num_classes=2, ema_decay=0.9)
+    copy = pickle.loads(pickle.dumps(method))
+    assert copy.ema.multi_avg_fn.decay == 0.9
+
+
+def test_ema_update_is_torchs_ema():
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    ema, current = [torch.randn(5), torch.randn(3)], [torch.randn(5), torch.randn(3)]
+    expected = [t.clone() for t in ema]
+    get_ema_multi_avg_fn(0.9)(expected, current, torch.tensor(1))
+    EMAUpdate(0.9)(ema, current, torch.tensor(1))
+    for got, want in zip(ema, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_ddp_leaves_the_ema_copy_alone():
+    method = AdaMatch(num_classes=2, ema_decay=0.9)
+    ignored = set(method._ddp_params_and_buffers_to_ignore)
+    names = {f"ema.{n}" for n, _ in [*method.ema.named_parameters(), *method.ema.named_buffers()]}
+    assert ignored == names and not any(n.startswith("model.") for n in ignored)
+
+
+def test_several_processes_refuse_unsynced_layers_that_write_parameters():
+    method = AdaMatch(num_classes=2, norm="uan")  # the momentum fit writes μ, σ², λ
+    method._trainer = SimpleNamespace(world_size=2, global_rank=0)
+    with pytest.raises(ValueError, match="sync_batchnorm true"):
+        method.on_fit_start()
+    sync_norms(method.model)
+    method.on_fit_start()  # synced: accepted
+
+
+def test_batch_statistics_are_means_over_processes():
+    method = AdaMatch(num_classes=2)
+    reduced = []
+    method._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        reduce=lambda t, reduce_op: reduced.append(reduce_op) or t * 0 + 7))
+    assert method.mean_over_processes(torch.tensor(3.0)).item() == 7 and reduced == ["mean"]
+    method._trainer = None
+    assert method.mean_over_processes(torch.tensor(3.0)).item() == 3  # one process: the value itself

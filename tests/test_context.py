@@ -1,10 +1,13 @@
-"""frozen_stats: running-statistics updates inside the block are discarded, for every layer."""
+"""frozen_stats: running-statistics updates inside the block are discarded, for every layer; sync_norms and
+local_statistics switch layers between their own and every process's statistics."""
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
-from adamatch_uan.norm import frozen_stats, make_norm, uses_context
+from adamatch_uan.norm import frozen_stats, local_statistics, make_norm, sync_norms, unsync_norms, uses_context
 
 
 def model(name):
@@ -57,3 +60,32 @@ def test_frozen_stats_restores_even_after_an_exception():
 def test_uses_context_is_decided_at_construction():
     assert uses_context(make_norm("uan", 4, num_contexts=2))
     assert not uses_context(make_norm("uan", 4)) and not uses_context(make_norm("bn", 4))
+
+
+def test_sync_norms_changes_layers_in_place_and_unsync_norms_undoes_it():
+    from adamatch_uan.models import make_backbone
+    from adamatch_uan.norm.batch import SyncedBatchNorm
+    from torchmetrics.classification import MulticlassAccuracy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(make_backbone("shallow_cnn", 10, norm={"input": "uan", "norm1": "mn", "default": "bn"},
+                                        norm_at=["input", "norm1", "norm2"]), MulticlassAccuracy(10))
+    keys, x = list(model.state_dict()), torch.randn(4, 3, 32, 32)
+    plain = copy.deepcopy(model)
+    sync_norms(model)
+    kinds = {type(m).__name__: getattr(m, "sync_stats", None) for m in model.modules()
+             if hasattr(m, "sync_stats")}
+    assert kinds == {"UAN": True, "MixtureNorm": True, "SyncedBatchNorm": True}
+    assert callable(model[1].sync)  # torchmetrics' own `sync` is not a norm flag
+    assert list(model.state_dict()) == keys
+    torch.manual_seed(1)
+    synced_out = model[0](x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(synced_out, plain[0](x))  # one process: the layers' own statistics
+    with local_statistics(model):
+        assert not any(getattr(m, "sync_stats", False) for m in model.modules())
+    assert all(m.sync_stats for m in model.modules() if hasattr(m, "sync_stats"))
+    unsync_norms(model)
+    assert not any(isinstance(m, SyncedBatchNorm) for m in model.modules())
+    assert not any(getattr(m, "sync_stats", False) for m in model.modules())
+    assert list(model.state_dict()) == keys

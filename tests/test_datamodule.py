@@ -122,3 +122,14 @@ def test_n_steps_then_resume_then_n_steps_gives_the_weights_of_2n_steps(data, tm
     assert resumed_trainer.global_step == 6
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_each_process_draws_its_own_stream_and_rank_zero_the_one_process_stream(pair):
+    dm = DomainPairDataModule(*pair)
+    dm.setup()
+    source, target = dm.source_train, dm.target_train
+    alone, first, second = (iter(PairedBatches(source, target, 4, 2, seed=3, rank=r)) for r in (0, 0, 1))
+    for _ in range(3):
+        a, b, c = next(alone), next(first), next(second)
+        assert torch.equal(a["source"][0], b["source"][0])
+        assert not torch.equal(b["source"][1], c["source"][1]) or not torch.equal(b["target"], c["target"])

@@ -1,12 +1,14 @@
 """The command line end to end, in subprocesses, on generated data (and on ../shared/data when present)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT, SHARED, fit, smoke_args
 
 
@@ -101,3 +103,34 @@ def test_real_mnist_to_usps(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     test = json.loads((run / "results.json").read_text())["test"]
     assert test["source"]["acc"] > 0.8 and test["target"]["acc"] > 0.3, test
+
+
+def test_two_processes_train_one_run(data, tmp_path):
+    """DDP on the CPU (gloo, Lightning relaunching the command per process) with synced norms: each process draws its own batches, the trained
+    and the EMA models end identical on both, one results.json is written, and the run resumes from its
+    checkpoint on two processes."""
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    env = {**os.environ, "DDP_PROBE_DIR": str(probe),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, run, 4), "--norm", "uan",
+                           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                           "--trainer.sync_batchnorm", "true", "--trainer.callbacks+=ddp_probe.RankProbe"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [(r["world_size"], len(r["batches"])) for r in ranks] == [(2, 4), (2, 4)]
+    for mine, theirs in zip(ranks[0]["batches"], ranks[1]["batches"]):
+        assert not torch.equal(mine, theirs)  # different images on each process
+    for kind in ("model", "ema"):
+        for name, value in ranks[0][kind].items():
+            assert torch.equal(value, ranks[1][kind][name]), f"{kind} {name} differs between processes"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 4 and set(results["test"]) == {"source", "target"}
+    assert done.stdout.count("set ") == 1  # the table printed once
+    resumed = subprocess.run([*done.args[:done.args.index("--trainer.max_steps") + 1], "6",
+                              *done.args[done.args.index("--trainer.max_steps") + 2:],
+                              "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["steps"] == 6

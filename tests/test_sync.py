@@ -1,4 +1,5 @@
-"""Synced mixture statistics: 2 processes (gloo) × their batches give what one process gives on all of them."""
+"""Synced statistics (UAN, MN, BatchNorm made synced by ``sync_norms``): 2 processes (gloo) × their
+batches give what one process gives on all of them."""
 
 import socket
 import time
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from adamatch_uan.norm import UAN, MixtureNorm, kernel
+from adamatch_uan.norm import UAN, BatchNorm, MixtureNorm, kernel, sync_norms
 from adamatch_uan.norm.sync import AllReduceSum, reshift
 
 N, C, SPATIAL = 8, 3, (3, 4)
@@ -18,8 +19,8 @@ LAYERS = {
     "uan": (lambda k: UAN(C, num_components=k, max_samples=10**6), False),
     "uan_ctx": (lambda k: UAN(C, num_components=k, num_contexts=2, max_samples=10**6), True),
     "mn": (lambda k: MixtureNorm(C, num_components=k, max_samples=10**6), False),
-    # the BatchNorm path on the CPU: a K = 1 mixture is BatchNorm (norm.MixtureSync converts to it)
-    "bn": (lambda k: UAN(C, num_components=1, mixture_fit="gradient", var_floor=0.0, inference="running"), False),
+    # torch's BatchNorm, which sync_norms makes a SyncedBatchNorm (on the CPU, the K = 1 mixture transform)
+    "bn": (lambda k: BatchNorm(C), False),
 }
 SPLITS = {"uneven": (3, 5), "empty": (0, 8)}
 BACKENDS = ["kernel", "torch"]
@@ -73,7 +74,7 @@ def _worker(rank, port, folder, backend):
         if case_backend != backend:
             continue
         layer, x, upstream, context = problem(name, k)
-        layer.sync = True
+        sync_norms(layer)
         a, b = SPLITS[split]
         part = slice(0, a) if rank == 0 else slice(a, a + b)
         results[(name, k, split)] = run_layer(layer, x[part], upstream[part], None if context is None else context[part])

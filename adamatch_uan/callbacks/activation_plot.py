@@ -8,7 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from adamatch_uan.norm import SOURCE, TARGET, frozen_stats
+from adamatch_uan.callbacks.log_directory import log_directory
+from adamatch_uan.norm import SOURCE, TARGET, frozen_stats, local_statistics
 from adamatch_uan.plots import activation_figure, layer_mixture, norm_layers
 
 
@@ -76,7 +77,8 @@ class ActivationPlot(L.Callback):
         hook = layer.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
         devices = [source.device] if source.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), frozen_stats(model):
+            # Only the first process plots: its pass must not wait on the others' statistics.
+            with torch.random.fork_rng(devices=devices), frozen_stats(model), local_statistics(model):
                 for _, images, domain in domains:
                     inputs = pl_module.weak_views(images)
                     model(inputs, torch.full((len(inputs),), domain, device=inputs.device))
@@ -87,7 +89,7 @@ class ActivationPlot(L.Callback):
         step = trainer.global_step
         figure = activation_figure(samples, layer_mixture(layer), self.channel,
                                    title=f"{name} ({type(layer).__name__}), step {step}")
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "activations" / f"{name}-step{step:07d}.png"
+        path = log_directory(trainer) / "activations" / f"{name}-step{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=80)
         for logger in trainer.loggers:

@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from adamatch_uan.callbacks.log_directory import log_directory
 from adamatch_uan.norm import SOURCE, TARGET, frozen_stats
 
 COLUMNS = ("step", "epoch", "layer", "parameter", "kind", "variance")
@@ -136,7 +137,7 @@ class GradientVariance(L.Callback):
     def _csv_path(self, trainer: L.Trainer) -> Path:
         if self.path is not None:
             return self.path
-        return Path(trainer.log_dir or trainer.default_root_dir) / "gradient_variance.csv"
+        return log_directory(trainer) / "gradient_variance.csv"
 
     def _record(self, trainer: L.Trainer, rows: Iterable[tuple[str, str, float]]) -> None:
         rows = list(rows)

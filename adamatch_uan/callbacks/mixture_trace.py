@@ -28,6 +28,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from adamatch_uan.callbacks.log_directory import log_directory
+
 COLUMNS = ("step", "layer", "quantity", "value")
 
 
@@ -93,7 +95,7 @@ class MixtureTrace(L.Callback):
             rows += [(name, q, v) for q, v in trace_quantities(mixture_state(layer), self._start[name]).items()]
             if getattr(layer, "last_nll", None) is not None:
                 rows.append((name, "nll", layer.last_nll.item()))
-        path = self.path or Path(trainer.log_dir or trainer.default_root_dir) / "mixture_trace.csv"
+        path = self.path or log_directory(trainer) / "mixture_trace.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with path.open("a", newline="") as f:

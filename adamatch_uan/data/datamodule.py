@@ -8,9 +8,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from adamatch_uan.data.domains import load_domain
+from adamatch_uan.data.sharding import evaluation_loader
+
+RANK_SEED_STRIDE = 1_000_003  # process r > 0 samples from seed + r · stride: streams apart for any seed
 
 DEFAULT_ROOT = Path("~/.cache/adamatch_uan/data")
 
@@ -29,13 +32,15 @@ class PairedBatches(IterableDataset):
     of the seed and the batch's position alone: a stream that starts at ``start()`` (the global
     step a resumed run restarts from, read when iteration begins) replays the index draws of the
     batches before it, without gathering their images, and continues exactly as an
-    uninterrupted run would, however far a loader prefetches.
+    uninterrupted run would, however far a loader prefetches. Under DDP each process ``rank``
+    draws its own stream (from ``seed + rank · RANK_SEED_STRIDE``; rank 0's is the one-process
+    stream), so the global batch is ``processes × batch_size`` different images.
     """
 
     def __init__(self, source: tuple[Tensor, Tensor], target: Tensor, batch_size: int, uratio: int, seed: int,
-                 start: Callable[[], int] | None = None) -> None:
+                 start: Callable[[], int] | None = None, rank: int = 0) -> None:
         self.source, self.target = source, target
-        self.batch_size, self.uratio, self.seed = batch_size, uratio, seed
+        self.batch_size, self.uratio, self.seed, self.rank = batch_size, uratio, seed, rank
         self.start = start or (lambda: 0)
         self._stream: Iterator[dict] | None = None
 
@@ -47,7 +52,7 @@ class PairedBatches(IterableDataset):
         return self._stream
 
     def _batches(self, start: int) -> Iterator[dict]:
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed + self.rank * RANK_SEED_STRIDE)
         s = infinite_indices(len(self.source[0]), generator)
         t = infinite_indices(len(self.target), generator)
         images, labels = self.source
@@ -74,7 +79,7 @@ class DomainPairDataModule(L.LightningDataModule):
         target: domain spec of the target.
         root: folder with the built-in datasets (torchvision layout).
         download: let torchvision download missing built-in datasets.
-        batch_size: source images per step; the target batch is ``uratio`` times larger.
+        batch_size: source images per step and process; the target batch is ``uratio`` times larger.
         uratio: target-to-source batch ratio.
         val_fraction: fraction of the source training set held out for validation.
         max_source: keep at most this many source training images (None: all).
@@ -117,14 +122,12 @@ class DomainPairDataModule(L.LightningDataModule):
         hp = self.hparams
         # A resumed run's trainer has its global step back when the stream starts.
         start = lambda: self.trainer.global_step if self.trainer is not None else 0  # noqa: E731
-        return DataLoader(PairedBatches(self.source_train, self.target_train, hp.batch_size, hp.uratio, hp.seed, start),
-                          batch_size=None)
-
-    def _eval(self, pair: tuple[Tensor, Tensor]) -> DataLoader:
-        return DataLoader(TensorDataset(*pair), batch_size=self.hparams.eval_batch_size)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return DataLoader(PairedBatches(self.source_train, self.target_train, hp.batch_size, hp.uratio, hp.seed, start,
+                                        rank), batch_size=None)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval(self.source_val), self._eval(self.target_test)]
+        return [evaluation_loader(*pair, self.hparams.eval_batch_size) for pair in (self.source_val, self.target_test)]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval(self.source_test), self._eval(self.target_test)]
+        return [evaluation_loader(*pair, self.hparams.eval_batch_size) for pair in (self.source_test, self.target_test)]

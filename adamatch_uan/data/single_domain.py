@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from adamatch_uan.data.datamodule import DEFAULT_ROOT
 from adamatch_uan.data.domains import load_domain
+from adamatch_uan.data.sharding import evaluation_loader
 
 
 def labelled_batch(samples: list) -> dict:
@@ -67,11 +68,8 @@ class SingleDomainDataModule(L.LightningDataModule):
         return DataLoader(TensorDataset(*self.train_set), batch_size=hp.batch_size, shuffle=True, drop_last=True,
                           generator=torch.Generator().manual_seed(hp.seed), collate_fn=labelled_batch)
 
-    def _eval(self, pair: tuple[Tensor, Tensor]) -> DataLoader:
-        return DataLoader(TensorDataset(*pair), batch_size=self.hparams.eval_batch_size)
-
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval(self.val_set)]
+        return [evaluation_loader(*self.val_set, self.hparams.eval_batch_size)]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval(self.test_set)]
+        return [evaluation_loader(*self.test_set, self.hparams.eval_batch_size)]

@@ -7,6 +7,7 @@ below, and every deviation from the official recipe is a named argument of ``Ada
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,10 @@ def interpolate_logits(combined: Tensor, source_only: Tensor) -> Tensor:
     return lam * combined + (1 - lam) * source_only
 
 
-def relative_threshold(source_weak_logits: Tensor, tau: float) -> Tensor:
-    """c_τ = τ · mean_i max_c softmax(z_S,weak)_i, without gradient (§5.4)."""
-    return tau * source_weak_logits.detach().softmax(1).amax(1).mean()
+def relative_threshold(source_weak_logits: Tensor, tau: float, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
+    """c_τ = τ · mean_i max_c softmax(z_S,weak)_i, without gradient (§5.4); ``reduce`` turns the
+    local mean into the global batch's (the mean over processes under DDP)."""
+    return tau * reduce(source_weak_logits.detach().softmax(1).amax(1).mean())
 
 
 def align_distribution(target_probs: Tensor, source_mean: Tensor, target_mean: Tensor, eps: float = 1e-6) -> Tensor:
@@ -59,9 +61,11 @@ class DistributionAlignment(nn.Module):
         return self.target_history.mean(0)
 
     @torch.no_grad()
-    def update(self, source_probs: Tensor, target_probs: Tensor) -> None:
-        self.source_mean.lerp_(source_probs.mean(0).to(self.source_mean.dtype), 1 - self.momentum)
-        self.target_history[self.cursor % len(self.target_history)] = target_probs.mean(0)
+    def update(self, source_probs: Tensor, target_probs: Tensor,
+               reduce: Callable[[Tensor], Tensor] = lambda t: t) -> None:
+        """Add a batch's means; ``reduce`` turns a local batch mean into the global batch's (DDP)."""
+        self.source_mean.lerp_(reduce(source_probs.mean(0)).to(self.source_mean.dtype), 1 - self.momentum)
+        self.target_history[self.cursor % len(self.target_history)] = reduce(target_probs.mean(0))
         self.cursor.add_(1)
 
 
@@ -120,9 +124,12 @@ class AdaMatch(DomainAdaptationMethod):
 
         with torch.no_grad():
             hp = self.hparams
-            threshold = relative_threshold(source_weak, hp.tau) if hp.relative_threshold else source_weak.new_tensor(hp.tau)
+            # Batch statistics of the global batch: every process thresholds and aligns alike.
+            global_mean = self.mean_over_processes
+            threshold = (relative_threshold(source_weak, hp.tau, global_mean) if hp.relative_threshold
+                         else source_weak.new_tensor(hp.tau))
             target_probs = target_weak.softmax(1)
-            self.alignment.update(source_weak.softmax(1), target_probs)
+            self.alignment.update(source_weak.softmax(1), target_probs, global_mean)
             if hp.align:
                 target_probs = align_distribution(target_probs, self.alignment.source_mean, self.alignment.target_mean)
             confidence, pseudo = target_probs.max(1)

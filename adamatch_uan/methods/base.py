@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
@@ -20,6 +22,8 @@ from adamatch_uan.augment import Augment, to_model_input, to_unit
 from adamatch_uan.models import make_backbone
 from adamatch_uan.models.slots import NormAt, NormChoice
 from adamatch_uan.norm import SOURCE, TARGET, mixture_parameters
+
+_RANK_SEED_STRIDE = 1_000_003  # rank r > 0 draws from seed + r · stride: streams apart for any seed
 
 _DECAYED = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -43,6 +47,22 @@ def optimizer_groups(model: nn.Module, weight_decay: float, lr: float, mixture_l
     groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}, {"params": rest, "weight_decay": 0.0, "lr": lr},
               {"params": mixture, "weight_decay": 0.0, "lr": lr * mixture_lr_scale}]
     return [g for g in groups if g["params"]]
+
+
+class EMAUpdate:
+    """e ← decay · e + (1 − decay) · p for every tensor pair, one foreach lerp per dtype (what
+    ``torch.optim.swa_utils.get_ema_multi_avg_fn`` does, as a module-level class so a model holding
+    it pickles, as ``ddp_spawn`` needs)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
+            torch._foreach_lerp_(ema, current, 1 - self.decay)
+        else:  # integer buffers (BatchNorm's counters), as torch does
+            for e, p in zip(ema, current):
+                e.copy_(e * self.decay + p * (1 - self.decay))
 
 
 LR_SCHEDULES = ("adamatch", "cosine", "step")
@@ -123,8 +143,12 @@ class DomainAdaptationMethod(L.LightningModule):
             raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}, got {lr_schedule!r}; use --model.init_args.lr_schedule")
         self.ema = None
         if ema_decay is not None:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema = AveragedModel(self.model, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
+            # DDP leaves the EMA copy alone (no broadcasts, no gradient buckets); it stays equal on
+            # every process by construction (on_train_batch_end).
+            self._ddp_params_and_buffers_to_ignore = [f"ema.{name}" for name, _ in
+                                                      [*self.ema.named_parameters(), *self.ema.named_buffers()]]
         self.augment = Augment((image_size, image_size), flip=flip, num_ops=strong_ops, cutout=cutout)
         self.eval_names = list(eval_names)
         self.eval_contexts = list(eval_contexts) if eval_contexts is not None else [SOURCE] * len(self.eval_names)
@@ -160,10 +184,41 @@ class DomainAdaptationMethod(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, decay, kind))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # ---- several processes (DDP) ----
+    @property
+    def distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def mean_over_processes(self, value: Tensor) -> Tensor:
+        """The mean over processes of a per-process batch mean (the global batch's mean, local
+        batches being equal); ``value`` itself in one process."""
+        return self.trainer.strategy.reduce(value.clone(), reduce_op="mean") if self.distributed else value
+
+    def on_fit_start(self) -> None:
+        if not self.distributed:
+            return
+        written = [name for name, m in self.model.named_modules() if getattr(m, "written_parameters", list)()
+                   and not getattr(m, "sync_stats", False)]
+        if written:
+            raise ValueError(f"Layers {written[:3]}{' ...' if len(written) > 3 else ''} write parameters from batch "
+                             f"statistics (UAN's mixture_fit='momentum'); under DDP each process would write its own "
+                             f"and the copies would drift apart. Add --trainer.sync_batchnorm true "
+                             f"(Trainer(plugins=[MixtureSync()])) to take the statistics over every process")
+        # seed_everything seeds every process alike: each draws its own augmentations and λ.
+        rank = self.global_rank
+        if rank:
+            torch.manual_seed((torch.initial_seed() + rank * _RANK_SEED_STRIDE) % 2**63)
+
     # ---- exact resume: the random stream of augmentations, interpolation and sampling ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = {"cpu": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+        state = {"cpu": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+        if self.distributed:  # every process saves (Lightning calls this hook on all), rank 0 writes
+            states = [None] * self.trainer.world_size
+            dist.all_gather_object(states, state)
+            checkpoint["rng_states"] = {"per_process": states}
+        else:
+            checkpoint["rng_states"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
@@ -172,14 +227,34 @@ class DomainAdaptationMethod(L.LightningModule):
         # Restored here, not when the checkpoint loads: what runs in between (the sanity check, new
         # loader iterators) draws from the global generator, which the uninterrupted run did not.
         states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
-        if states:
-            torch.set_rng_state(states["cpu"])
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+        if not states:
+            return
+        if "per_process" in states:
+            saved = states["per_process"]
+            world = self.trainer.world_size if self._trainer is not None else 1
+            if len(saved) != world:
+                rank_zero_warn(f"The checkpoint was saved by {len(saved)} processes and resumes on {world}: "
+                               "the random stream goes on, but not as the uninterrupted run's would")
+            states = saved[self.global_rank % len(saved)]
+        torch.set_rng_state(states["cpu"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+        if self.ema is None:
+            return
+        self.ema.update_parameters(self.model)
+        if self.distributed:
+            # The parameters are equal on every process (DDP), the buffers only with synced norms:
+            # the copy evaluated everywhere takes the first process's, as DDP's own buffers do.
+            by_dtype: dict[torch.dtype, list[Tensor]] = {}
+            for b in self.ema.module.buffers():
+                by_dtype.setdefault(b.dtype, []).append(b)
+            for buffers in by_dtype.values():  # one broadcast per dtype
+                flat = torch._utils._flatten_dense_tensors(buffers)
+                dist.broadcast(flat, src=0)
+                for b, synced in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers)):
+                    b.copy_(synced)
 
     # ---- evaluation ----
     @property
@@ -197,7 +272,7 @@ class DomainAdaptationMethod(L.LightningModule):
         logits = self.evaluated_model(self.inputs(images), context)
         metrics = self.metrics[f"{stage}_{name}"]
         metrics.update(logits, labels)
-        self.log(f"{stage}/{name}/loss", F.cross_entropy(logits, labels), add_dataloader_idx=False)
+        self.log(f"{stage}/{name}/loss", F.cross_entropy(logits, labels), add_dataloader_idx=False, sync_dist=True)
         self.log_dict(metrics, add_dataloader_idx=False, prog_bar=stage == "val")
         if stage == "test":
             self.confusion[name].update(logits, labels)
@@ -213,7 +288,8 @@ class DomainAdaptationMethod(L.LightningModule):
             if confusion.update_count:
                 self.confusion_matrices[name] = confusion.compute().tolist()
             confusion.reset()
-        if self.trainer.log_dir and self.trainer.is_global_zero and self.confusion_matrices:
-            path = Path(self.trainer.log_dir) / "confusion_matrices.json"
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
+        if log_dir and self.trainer.is_global_zero and self.confusion_matrices:
+            path = Path(log_dir) / "confusion_matrices.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.confusion_matrices))

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from torch import nn
 
 from adamatch_uan.norm.batch import BatchNorm
-from adamatch_uan.norm.context import SOURCE, TARGET, frozen_stats, mixture_parameters, uses_context
+from adamatch_uan.norm.context import (SOURCE, TARGET, frozen_stats, local_statistics, mixture_parameters, sync_norms,
+                                       unsync_norms, uses_context)
 from adamatch_uan.norm.convert import WithContext, convert_norms
 from adamatch_uan.norm.mixture import BatchStats, Mixture, mixture_normalize
 from adamatch_uan.norm.mn import MixtureNorm
@@ -63,5 +64,5 @@ def make_norm(norm: str | NormFactory, num_features: int, **options) -> nn.Modul
 
 
 __all__ = ["NORMS", "SOURCE", "TARGET", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "NormFactory", "UAN",
-           "WithContext", "convert_norms", "frozen_stats",
-           "list_norms", "make_norm", "mixture_normalize", "mixture_parameters", "uses_context"]
+           "WithContext", "convert_norms", "frozen_stats", "list_norms", "local_statistics", "make_norm",
+           "mixture_normalize", "mixture_parameters", "sync_norms", "unsync_norms", "uses_context"]

@@ -148,8 +148,8 @@ class MixtureNorm(nn.Module):
         self.register_buffer("running_delta2", torch.ones(K, C))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("num_fits", torch.tensor(0, dtype=torch.long))
-        # Statistics and EM over every process of process_group in training (set by norm.MixtureSync).
-        self.sync, self.process_group = False, None
+        # Statistics and EM over every process of process_group in training (set by norm.sync_norms).
+        self.sync_stats, self.process_group = False, None
 
     def _floor(self, prefix: str) -> Tensor | None:
         return self.var_floor * getattr(self, f"{prefix}_channel_var") if self.var_floor > 0 else None
@@ -163,7 +163,7 @@ class MixtureNorm(nn.Module):
     def _fit(self, x: Tensor) -> None:
         _, sampled = sample_positions(positions(x.detach().float()), self.max_samples)
         values = sampled.T.contiguous()  # (C, S)
-        synced = self.sync and distributed(self.process_group)
+        synced = self.sync_stats and distributed(self.process_group)
         if synced:  # every process's samples: the same start and fit on all
             channel_mean, channel_var = channel_moments(sampled, self.process_group)
         else:
@@ -198,7 +198,7 @@ class MixtureNorm(nn.Module):
         floor = self._floor("fit")  # a new tensor, as the fit's copies
         running = (self.running_alpha, self.running_delta2, self.momentum)
         y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running, batch_stats=False,
-                                 delta2_floor=floor, sync=self.sync, group=self.process_group)
+                                 delta2_floor=floor, sync=self.sync_stats, group=self.process_group)
         self.num_batches_tracked.add_(1)
         return y
 

@@ -104,8 +104,8 @@ class UAN(nn.Module):
         self.mixture_fit, self.likelihood_weight, self.max_samples = mixture_fit, likelihood_weight, max_samples
         self.var_floor = var_floor
         self.last_nll: Tensor | None = None  # the latest training forward's NLL term (likelihood fit), for logging
-        # Statistics over every process of process_group in training (set by norm.MixtureSync).
-        self.sync, self.process_group = False, None
+        # Statistics over every process of process_group in training (set by norm.sync_norms).
+        self.sync_stats, self.process_group = False, None
         means, var = spread_mixture(num_components)
         var = max(var, 2 * min_var)
         K, C, G = num_components, num_features, num_contexts or 1
@@ -175,7 +175,7 @@ class UAN(nn.Module):
         momentum = self.mixture_fit == "momentum"
         floor = shares = None
         # Synced, every process joins the collectives below, an empty batch included.
-        synced = self.sync and distributed(self.process_group)
+        synced = self.sync_stats and distributed(self.process_group)
         n_positions = x3.shape[0] * x3.shape[2] if x3.dim() == 3 else 0
         if (likelihood or momentum or self.var_floor > 0) and x3.dim() == 3 and (synced or n_positions >= 2):
             rows, values = sample_positions(x3, self.max_samples)
