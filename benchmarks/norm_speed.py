@@ -1,6 +1,13 @@
 """Forward + backward time of UAN and MN relative to torch BatchNorm (K = 3), in one run.
 
     python benchmarks/norm_speed.py [--device cuda] [--repeats 15] [--out benchmarks/results/norm_speed.json]
+    python benchmarks/norm_speed.py --device cuda --backends torch compiled triton --out benchmarks/results/norm_speed_cuda.json
+
+With ``--backends`` every mixture layer (uan, uan_ctx, mn) is timed on each backend named: the
+torch-ops backend ("torch"), the same under ``torch.compile`` ("compiled", a baseline) and the
+Triton kernels ("triton", CUDA only); rows are named ``<layer>/<backend>``. The effective
+bandwidth counts the bytes of x, y, ∂L/∂y and ∂L/∂x moved per step (4 × the input's bytes)
+over the time, and on a known GPU its fraction of the peak (``PEAK_GBS``).
 
 Layers are timed round-robin (each repeat runs every layer once) so machine noise hits
 them alike, each starting with its input and gradient in cache; the table reports medians
@@ -12,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,30 +33,57 @@ import torch
 from adamatch_uan.norm import kernel, make_norm
 
 SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 128, 8, 8), (256, 256)]
+PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth of the SXM parts, GB/s
 
 
-def layers(channels: int, device: str) -> dict[str, torch.nn.Module]:
-    built = {"bn": make_norm("bn", channels), "uan": make_norm("uan", channels, num_components=3),
-             "uan_ctx": make_norm("uan", channels, num_components=3, num_contexts=2),
-             "mn": make_norm("mn", channels, num_components=3)}
-    return {name: layer.to(device).train() for name, layer in built.items()}
+@contextmanager
+def on_backend(name: str | None):
+    """Run mixture layers on one backend: "torch" (and "compiled") turn the Triton and C++ paths off."""
+    if name in (None, "triton"):
+        yield
+        return
+    saved = kernel._uses_triton, kernel._uses_kernel
+    kernel._uses_triton = kernel._uses_kernel = lambda x, mu: False
+    try:
+        yield
+    finally:
+        kernel._uses_triton, kernel._uses_kernel = saved
+
+
+def layers(channels: int, device: str, backends: list[str] | None) -> dict[str, tuple[torch.nn.Module, str | None]]:
+    """name -> (layer, backend it runs on; None: the dispatcher's choice)."""
+    def mixtures():
+        return {"uan": make_norm("uan", channels, num_components=3),
+                "uan_ctx": make_norm("uan", channels, num_components=3, num_contexts=2),
+                "mn": make_norm("mn", channels, num_components=3)}
+
+    built = {"bn": (make_norm("bn", channels), None)}
+    if not backends:
+        built.update({name: (layer, None) for name, layer in mixtures().items()})
+    for backend in backends or []:
+        for name, layer in mixtures().items():
+            layer = layer.to(device).train()
+            built[f"{name}/{backend}"] = (torch.compile(layer) if backend == "compiled" else layer, backend)
+    return {name: (layer.to(device).train(), backend) for name, (layer, backend) in built.items()}
 
 
 def step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, context: torch.Tensor) -> None:
-    y = layer(x, context) if getattr(layer, "uses_context", False) else layer(x)
+    takes_context = getattr(getattr(layer, "_orig_mod", layer), "uses_context", False)
+    y = layer(x, context) if takes_context else layer(x)
     y.backward(grad)
 
 
-def measure(shape: tuple[int, ...], device: str, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+def measure(shape: tuple[int, ...], device: str, repeats: int,
+            backends: list[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per step and median minor page faults per step, per layer."""
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
     context = torch.arange(shape[0], device=device) % 2
-    built = layers(shape[1], device)
+    built = layers(shape[1], device, backends)
     times: dict[str, list[float]] = {name: [] for name in built}
     faults: dict[str, list[int]] = {name: [] for name in built}
     for i in range(repeats + 2):
-        for name, layer in built.items():
+        for name, (layer, backend) in built.items():
             # In training a norm layer's input arrives from the layer before it, in cache:
             # every layer starts with x and the gradient just read, whatever ran before it.
             x.detach().sum(), grad.sum()
@@ -55,7 +91,8 @@ def measure(shape: tuple[int, ...], device: str, repeats: int) -> tuple[dict[str
                 torch.cuda.synchronize()
             faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
-            step(layer, x, grad, context)
+            with on_backend(backend):
+                step(layer, x, grad, context)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:  # the first two are warm-up (kernel build, allocator)
@@ -70,14 +107,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--backends", nargs="+", choices=["torch", "compiled", "triton"], default=None,
+                        help="time every mixture layer on each of these backends")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/norm_speed.json"))
     args = parser.parse_args()
     rows = []
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    peak = next((gbs for key, gbs in PEAK_GBS.items() if gpu and key in gpu), None)
     for shape in SHAPES:
-        medians, faults = measure(shape, args.device, args.repeats)
+        medians, faults = measure(shape, args.device, args.repeats, args.backends)
+        moved = 4 * math.prod(shape) * 4  # x, y, ∂L/∂y, ∂L/∂x in float32
+        bandwidth = {k: moved / v / 1e9 for k, v in medians.items()}
         rows.append({"shape": list(shape), "median_s": medians, "median_page_faults": faults,
-                     "ratio_to_bn": {k: v / medians["bn"] for k, v in medians.items()}})
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
+                     "ratio_to_bn": {k: v / medians["bn"] for k, v in medians.items()},
+                     "effective_gbs": bandwidth,
+                     "fraction_of_peak": {k: v / peak for k, v in bandwidth.items()} if peak else None})
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device, "gpu": gpu,
+              "peak_gbs": peak,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "cpu_kernel": kernel.kernel_available(), "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +133,8 @@ def main() -> None:
     for row in rows:
         print(f"{str(tuple(row['shape'])):<20}" + "".join(f"{row['median_s'][n] * 1e3:>12.2f}" for n in names)
               + "".join(f"{row['ratio_to_bn'][n]:>11.2f}" for n in names[1:]))
+    print("effective GB/s (x, y, dy, dx): " + "; ".join(
+        f"{tuple(row['shape'])} " + ", ".join(f"{n} {row['effective_gbs'][n]:.0f}" for n in names) for row in rows))
     print("page faults per step (median): " + "; ".join(
         f"{tuple(row['shape'])} " + ", ".join(f"{n} {row['median_page_faults'][n]:.0f}" for n in names) for row in rows))
     print(f"written to {args.out}")

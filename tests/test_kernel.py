@@ -80,7 +80,11 @@ def test_the_build_command_reports_where_and_how_long():
 
 
 def test_backends_are_named_per_device_and_k(monkeypatch):
-    assert kernel.backend("cuda", 3).startswith("torch ops") and kernel.backend("cpu", 9) == "torch ops (K > 8)"
+    assert kernel.backend("cpu", 9) == "torch ops (K > 8)" and kernel.backend("cuda", 9) == "torch ops (K > 8)"
+    monkeypatch.setattr(kernel, "_triton", lambda: object())
+    assert kernel.backend("cuda", 3) == "the Triton kernels"
+    monkeypatch.setattr(kernel, "_triton", lambda: None)
+    assert kernel.backend("cuda", 3).startswith("torch ops")
     monkeypatch.setattr(kernel, "_extension", lambda: None)
     assert "failed to build" in kernel.backend("cpu", 3)
 

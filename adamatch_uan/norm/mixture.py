@@ -64,7 +64,7 @@ class Mixture(NamedTuple):
 
 
 class LearnedMixture(NamedTuple):
-    """A per-channel 1-D Gaussian mixture in UAN's parametrisation (``kernel.parametrise``):
+    """A per-channel 1-D Gaussian mixture in UAN's parametrisation (``torch_ops.parametrise``):
     λ = w + (1 − K w) softmax_k(prior_logits), σ² = softplus(raw_var) + v_min.
 
     Shape:
