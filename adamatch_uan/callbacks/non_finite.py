@@ -42,12 +42,17 @@ class NonFiniteGuard(L.Callback):
     The message names the step, the value of each term in ``pl_module.loss_terms``, the norm
     layers (and other modules) of ``pl_module.model`` whose parameters or buffers are
     non-finite, the parameters with non-finite gradients, and the options that usually fix
-    it. With ``FiniteExceptionCheckpoint`` no checkpoint of a non-finite state is written, so
+    it. Under DDP the loss check is agreed by every process (one boolean all-reduce per step);
+    gradients are all-reduced already, so every process sees a non-finite one. With
+    ``FiniteExceptionCheckpoint`` no checkpoint of a non-finite state is written, so
     the run keeps its last finite one (``checkpoints/last.ckpt``).
     """
 
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        if bool(torch.isfinite(loss.detach()).all()):
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:  # under DDP every process stops together, or the others would wait forever
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         terms = getattr(pl_module, "loss_terms", None) or {}
         described = ", ".join(f"{k} = {_value(v):.4g}" for k, v in terms.items())
