@@ -64,6 +64,12 @@ def command(pair: str, row: str, seed: int, steps: int, data_root: str, run_dir:
             "--seed_everything", str(seed), "--data.seed", str(seed), "--run_dir", str(run_dir)]
 
 
+def portable(text: str) -> str:
+    """``text`` with this checkout's paths made relative to it (``..`` for its parent, where
+    ``../shared`` is): a committed summary names no machine's folders."""
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../")
+
+
 def commit() -> str | None:
     """The code's git commit (with "+dirty" for uncommitted changes outside the results), None outside a
     checkout."""
@@ -99,7 +105,7 @@ def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
     if not (run_dir / "results.json").exists():
         print("+", " ".join(args), flush=True)
         done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    summary = {**fields, "command": " ".join(args[1:]), "minutes": round((time.time() - started) / 60, 2),
+    summary = {**fields, "command": portable(" ".join(["python", *args[1:]])), "minutes": round((time.time() - started) / 60, 2),
                "date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit()}
     if (run_dir / "results.json").exists():
         results = json.loads((run_dir / "results.json").read_text())

@@ -26,6 +26,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from da_table import portable
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mixture_learning"
 
@@ -138,7 +140,7 @@ def main() -> None:
         accuracy, final = test_both_rules(run_dir)
         best = json.loads((run_dir / "results.json").read_text())  # tested under the run's own rule
         summary = {"candidate": name, "options": CANDIDATES[name], "seed": args.seed, "steps": args.steps,
-                   "checkpoint": best["checkpoint"], "accuracy_by_rule": accuracy,
+                   "checkpoint": portable(best["checkpoint"]), "accuracy_by_rule": accuracy,
                    "final_state": final, "trace": read_trace(run_dir), "trace_last_rows": per_layer_final(run_dir)}
         summary_path.write_text(json.dumps(summary, indent=1))
     print(f"{'candidate':<12}{'moved μ':>9}{'moved logσ²':>12}{'moved λ':>9}{'gap μ':>8}{'gap logσ²':>10}"
