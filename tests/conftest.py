@@ -14,6 +14,12 @@ if not torch.cuda.is_available():
 
 from adamatch_uan.norm import kernel  # noqa: E402
 
+# A worker of pytest-xdist (one per core) and the runs it launches get one thread each: more
+# threads than cores make OpenMP's workers spin against each other and slow every test.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 

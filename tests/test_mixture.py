@@ -104,13 +104,16 @@ def test_gradcheck_in_float64(backend):
 # tensor's scale; the kernel with and without its cache of the responsibilities.
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
 @pytest.mark.parametrize("N, C, spatial", [(32, 8, (16, 16)), (96, 8, (7, 7)), (520, 70, ())])
-def test_kernel_and_torch_backends_match_float64_in_float32_on_a_threaded_shape(monkeypatch, N, C, spatial,
+def test_kernel_and_torch_backends_match_float64_in_float32_on_a_threaded_shape(monkeypatch, request, N, C, spatial,
                                                                                 cache_bytes):
     from adamatch_uan.norm import kernel
 
     if not kernel.kernel_available():
         pytest.skip("no C++ compiler: the compiled kernel is unavailable")
     monkeypatch.setattr(kernel, "TAU_CACHE_BYTES", cache_bytes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # threaded even in a one-thread test worker
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     problem = random_problem(N=N, C=C, spatial=spatial, G=2)
     context = problem[-1]
 
