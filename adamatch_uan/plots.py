@@ -115,16 +115,21 @@ class Run:
 
 
 def run_label(path: Path) -> str:
-    """'<method> + <norm>' from the run's config.yaml (the directory name without one)."""
+    """'<method> + <norm>[, options][, seed S]' from the run's config.yaml (the directory name
+    without one); the seed when the run fixed one, so that the seeds of a sweep tell apart."""
     config = path / "config.yaml"
     if not config.exists():
         return path.name
-    model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
+    settings = yaml.safe_load(config.read_text()) or {}
+    model = settings.get("model", {})
     args = model.get("init_args", model)
     method = str(model.get("class_path", "")).rsplit(".", 1)[-1]
     norm = args.get("norm", "bn")
     options = args.get("norm_options") or {}
     extra = "".join(f", {k}={v}" for k, v in options.items())
+    seed = settings.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        extra += f", seed {seed}"
     return f"{method} + {norm}{extra}" if method else f"{norm}{extra}"
 
 

@@ -11,6 +11,8 @@ from adamatch_uan.cli_errors import UserError, condense, report
 
 from conftest import ROOT, smoke_args
 
+pytestmark = pytest.mark.xdist_group("cli_errors")  # one worker runs the module's fixture, once
+
 CASES = {  # name -> (extra arguments given the data folder, what stderr must say)
     "unknown norm": (lambda d: ["--norm", "layernorm"], ["'layernorm'", "bn, mn, none, uan", "--norm"]),
     "unknown slot": (lambda d: ["--model.init_args.norm", '{"nowhere": "bn"}'], ["'nowhere'", "norm1", "--model.init_args.norm"]),

@@ -101,6 +101,15 @@ def test_load_run_reads_every_file(tmp_path):
         plots.load_run(tmp_path / "missing")
 
 
+def test_a_fixed_seed_and_the_norm_options_join_the_label(tmp_path):
+    folder = fake_run(tmp_path / "a", "mn")
+    config = folder / "config.yaml"
+    config.write_text(config.read_text() + "    norm_options:\n      var_floor: 0.01\nseed_everything: 3\n")
+    assert plots.run_label(folder) == "AdaMatch + mn, var_floor=0.01, seed 3"
+    config.write_text(config.read_text().replace("seed_everything: 3", "seed_everything: true"))
+    assert plots.run_label(folder) == "AdaMatch + mn, var_floor=0.01"
+
+
 def test_figures_name_each_run_in_their_legends(tmp_path):
     runs = [plots.load_run(fake_run(tmp_path / n, n)) for n in ("bn", "uan")]
     for figure in (plots.gradient_variance_figure(runs), plots.validation_figure(runs)):

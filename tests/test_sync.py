@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 from adamatch_uan.norm import UAN, BatchNorm, MixtureNorm, kernel, sync_norms
 from adamatch_uan.norm.sync import AllReduceSum, reshift
 
+pytestmark = pytest.mark.xdist_group("sync")  # one worker runs the module's process pairs, once per backend
+
 N, C, SPATIAL = 8, 3, (3, 4)
 # name -> (layer factory, context?) ; sampling covers every position (max_samples), so runs are deterministic
 LAYERS = {

@@ -101,6 +101,26 @@ MixArgs make_args(const Inputs& in, const Tensor& work, const Layout& l, double 
   return a;
 }
 
+// What mix_backward writes: dx (the caller's buffer), the gradients of the mixture's
+// parameters, of gamma and beta, and of given statistics (alpha, delta^2); the constructor
+// points a's outputs at them.
+struct Gradients {
+  Tensor dx, weight, mu, var, gamma, beta, stats;
+  Gradients(MixArgs& a, const Inputs& in, Tensor dx_buffer)
+      : dx(std::move(dx_buffer)), weight(at::empty_like(in.weight_param)), mu(at::empty_like(in.mu)),
+        var(at::empty_like(in.var_param)), gamma(at::empty_like(in.gamma)), beta(at::empty_like(in.beta)),
+        stats(at::empty({2, in.mu.size(0), in.mu.size(1)}, in.x.options())) {
+    a.out = dx.data_ptr();
+    a.g_weight = weight.data_ptr();
+    a.g_mu = mu.data_ptr();
+    a.g_var = var.data_ptr();
+    a.g_gamma = gamma.data_ptr();
+    a.g_beta = beta.data_ptr();
+    a.g_alpha = stats[0].data_ptr();
+    a.g_delta2 = stats[1].data_ptr();
+  }
+};
+
 int threads_for(const Tensor& x) {
   return x.numel() >= kParallelMinElements ? static_cast<int>(std::min<int64_t>(at::get_num_threads(), x.size(1))) : 1;
 }
@@ -190,35 +210,24 @@ struct MixtureNode : public torch::autograd::Function<MixtureNode> {
     const bool given = in.alpha.defined();
     const Layout layout(N, C, P, K, G, parametrised, !given, ctx->saved_data["cache"].toBool());
     const Tensor gy = grad_outputs[0].contiguous();
-    Tensor dx = at::empty_like(x);
-    Tensor g_weight = at::empty_like(in.weight_param), g_mu = at::empty_like(in.mu), g_var = at::empty_like(in.var_param);
-    Tensor g_gamma = at::empty_like(in.gamma), g_beta = at::empty_like(in.beta);
-    Tensor g_stats = at::empty({2, K, C}, x.options());  // w.r.t. alpha, delta^2: returned only when given
     MixArgs a = make_args(in, work, layout, ctx->saved_data["eps"].toDouble(), parametrised,
                           ctx->saved_data["min_weight"].toDouble(), ctx->saved_data["min_var"].toDouble());
+    const Gradients g(a, in, at::empty_like(x));
     a.grad = gy.data_ptr();
-    a.out = dx.data_ptr();
-    a.g_weight = g_weight.data_ptr();
-    a.g_mu = g_mu.data_ptr();
-    a.g_var = g_var.data_ptr();
-    a.g_gamma = g_gamma.data_ptr();
-    a.g_beta = g_beta.data_ptr();
-    a.g_alpha = g_stats[0].data_ptr();
-    a.g_delta2 = g_stats[1].data_ptr();
     a.need_param_grads = need_param_grads;
     TORCH_CHECK(mix_backward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel backward failed");
     const Tensor none;
     // One entry per forward argument: x, context, the tables, given alpha, delta^2, the
     // floor, the running averages and the seven options (the floor is a constant).
-    return {dx,
+    return {g.dx,
             none,
-            need_param_grads ? g_weight : none,
-            need_param_grads ? g_mu : none,
-            need_param_grads ? g_var : none,
-            g_gamma,
-            g_beta,
-            given ? g_stats[0] : none,
-            given ? g_stats[1] : none,
+            need_param_grads ? g.weight : none,
+            need_param_grads ? g.mu : none,
+            need_param_grads ? g.var : none,
+            g.gamma,
+            g.beta,
+            given ? g.stats[0] : none,
+            given ? g.stats[1] : none,
             none, none, none, none, none, none, none, none, none, none};
   }
 };
@@ -266,29 +275,19 @@ struct SumsNode : public torch::autograd::Function<SumsNode> {
     const Layout layout(N, C, P, K, G, parametrised, true, false);
     const Tensor work = ctx->saved_data["work"].toTensor();
     const Tensor g_sums = grad_outputs[0].defined() ? grad_outputs[0].contiguous() : at::zeros({3, K, C}, x.options());
-    Tensor dx = at::zeros_like(x);
-    Tensor g_weight = at::empty_like(in.weight_param), g_mu = at::empty_like(in.mu), g_var = at::empty_like(in.var_param);
-    Tensor g_gamma = at::empty_like(ones), g_beta = at::empty_like(ones), g_stats = at::empty({2, K, C}, x.options());
     MixArgs a = make_args(in, work, layout, 1.0, parametrised, ctx->saved_data["min_weight"].toDouble(),
                           ctx->saved_data["min_var"].toDouble());
+    const Gradients g(a, in, at::zeros_like(x));
     a.phase = 1;
     a.dS = g_sums.data_ptr();
     a.grad = nullptr;
-    a.out = dx.data_ptr();
-    a.g_weight = g_weight.data_ptr();
-    a.g_mu = g_mu.data_ptr();
-    a.g_var = g_var.data_ptr();
-    a.g_gamma = g_gamma.data_ptr();
-    a.g_beta = g_beta.data_ptr();
-    a.g_alpha = g_stats[0].data_ptr();
-    a.g_delta2 = g_stats[1].data_ptr();
     a.need_param_grads = true;
     if (N > 0) {
       TORCH_CHECK(mix_backward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel sums backward failed");
     } else {
-      g_weight.zero_(), g_mu.zero_(), g_var.zero_();
+      g.weight.zero_(), g.mu.zero_(), g.var.zero_();
     }
-    return {dx, none, g_weight, g_mu, g_var, none, none, none};
+    return {g.dx, none, g.weight, g.mu, g.var, none, none, none};
   }
 };
 
