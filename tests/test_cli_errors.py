@@ -1,17 +1,13 @@
 """A person's mistakes end the CLI with one short message, status 2 and no traceback; bugs still raise."""
 
-import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from adamatch_uan.cli_errors import UserError, condense, report
 
 from conftest import ROOT, smoke_args
-
-pytestmark = pytest.mark.xdist_group("cli_errors")  # one worker runs the module's fixture, once
 
 CASES = {  # name -> (extra arguments given the data folder, what stderr must say)
     "unknown norm": (lambda d: ["--norm", "layernorm"], ["'layernorm'", "bn, mn, none, uan", "--norm"]),
@@ -29,8 +25,8 @@ CASES = {  # name -> (extra arguments given the data folder, what stderr must sa
 
 
 @pytest.fixture(scope="module")
-def outcomes(data, tmp_path_factory):
-    """Every case through the real CLI, the subprocesses run side by side."""
+def bad(tmp_path_factory):
+    """Broken files of each format."""
     bad = tmp_path_factory.mktemp("bad")
     (bad / "svhn").mkdir()
     for name in ("train_32x32.mat", "test_32x32.mat"):
@@ -38,29 +34,34 @@ def outcomes(data, tmp_path_factory):
     (bad / "junk.npz").write_bytes(b"not an npz")
     (bad / "folder" / "cat").mkdir(parents=True)
     (bad / "folder" / "cat" / "bad.png").write_bytes(b"not a png")
-    procs = {}
-    for name, (extra, _) in CASES.items():
-        run = bad / name.replace(" ", "_")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, run, 2), *extra(bad)],
-                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return {name: (p.wait(timeout=600), p.communicate()[1], bad / name.replace(" ", "_")) for name, p in procs.items()}
+    return bad
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_user_error_is_one_short_message_with_the_value_and_the_fix(outcomes, case):
-    status, stderr, run = outcomes[case]
+def test_a_user_error_is_one_short_message_with_the_value_and_the_fix(data, bad, tmp_path, monkeypatch, capfd, case):
+    """In this process (``fit.run`` as ``python -m adamatch_uan.fit`` calls it, stderr read at the file
+    descriptor); the last test checks the same contract on a real process."""
+    from adamatch_uan import fit
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["adamatch_uan.fit", *smoke_args(data, run, 2), *CASES[case][0](bad)])
+    with pytest.raises(SystemExit) as exited:
+        fit.run()
+    stderr = capfd.readouterr().err
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
-    assert status == 2, stderr[-3000:]
+    assert exited.value.code == 2, stderr[-3000:]
     assert "Traceback" not in stderr and len(lines) <= 6, stderr[-3000:]
     for expected in CASES[case][1]:
         assert expected in stderr, (expected, stderr[-3000:])
     assert not (run / "results.json").exists()
 
 
-def test_debug_shows_the_traceback(data, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, tmp_path, 2), "--norm", "layernorm",
-                           "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and "Traceback" in done.stderr
+def test_a_real_process_exits_2_with_the_message_and_debug_shows_the_traceback(data, tmp_path):
+    command = [sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, tmp_path, 2), "--norm", "layernorm"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "'layernorm'" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    debug = subprocess.run([*command, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
 def test_programming_errors_still_raise(capsys):
