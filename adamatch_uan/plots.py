@@ -225,12 +225,22 @@ def validation_figure(runs: Sequence[Run], sets: Sequence[str] | None = None) ->
         sets = sets or ["source"]
     fig = Figure(figsize=(5 * len(sets), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sets)))
+    # The seeds of one configuration share a colour and differ in line style.
+    configurations = list(dict.fromkeys(run.label.split(", seed ")[0] for run in runs))
+    seen: dict[str, int] = defaultdict(int)
+    styles = []
+    for run in runs:
+        base = run.label.split(", seed ")[0]
+        styles.append({"color": f"C{configurations.index(base) % 10}", "linestyle": ("-", "--", ":", "-.")[seen[base] % 4]})
+        seen[base] += 1
+    one_domain = sets == ["source"] and not any("val/target/acc" in run.metrics for run in runs)
     for name, ax in zip(sets, axes):
-        for run in runs:
+        for run, style in zip(runs, styles):
             points = run.metrics.get(f"val/{name}/acc", [])
             if points:
-                ax.plot([s for s, _ in points], [1 - a for _, a in points], marker=".", label=run.label)
-        ax.set(xlabel="training step", ylabel="validation error", title=f"{name} validation error")
+                ax.plot([s for s, _ in points], [1 - a for _, a in points], marker=".", label=run.label, **style)
+        title = "validation error" if one_domain else f"{name} validation error"
+        ax.set(xlabel="training step", ylabel="validation error", title=title)
         ax.legend(fontsize=7)
     return fig
 

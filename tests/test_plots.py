@@ -110,6 +110,17 @@ def test_a_fixed_seed_and_the_norm_options_join_the_label(tmp_path):
     assert plots.run_label(folder) == "AdaMatch + mn, var_floor=0.01"
 
 
+def test_seeds_of_one_configuration_share_a_colour_and_differ_in_style(tmp_path):
+    runs = []
+    for norm, seed in (("bn", 0), ("uan", 0), ("bn", 1)):
+        folder = fake_run(tmp_path / f"{norm}{seed}", norm)
+        (folder / "config.yaml").write_text((folder / "config.yaml").read_text() + f"seed_everything: {seed}\n")
+        runs.append(plots.load_run(folder))
+    bn0, uan0, bn1 = plots.validation_figure(runs).axes[0].get_lines()
+    assert bn0.get_color() == bn1.get_color() != uan0.get_color()
+    assert bn0.get_linestyle() != bn1.get_linestyle()
+
+
 def test_figures_name_each_run_in_their_legends(tmp_path):
     runs = [plots.load_run(fake_run(tmp_path / n, n)) for n in ("bn", "uan")]
     for figure in (plots.gradient_variance_figure(runs), plots.validation_figure(runs)):
