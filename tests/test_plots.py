@@ -121,6 +121,15 @@ def test_seeds_of_one_configuration_share_a_colour_and_differ_in_style(tmp_path)
     assert bn0.get_linestyle() != bn1.get_linestyle()
 
 
+def test_plain_classification_runs_get_one_validation_axis(tmp_path):
+    folder = tmp_path / "classify"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("model:\n  class_path: adamatch_uan.methods.Supervised\n  init_args:\n    norm: uan\n")
+    (folder / "metrics.csv").write_text("epoch,step,val/source/acc\n0,10,0.5\n1,20,0.75\n")
+    [ax] = plots.validation_figure([plots.load_run(folder)]).axes
+    assert ax.get_title() == "validation error" and list(ax.get_lines()[0].get_ydata()) == [0.5, 0.25]
+
+
 def test_figures_name_each_run_in_their_legends(tmp_path):
     runs = [plots.load_run(fake_run(tmp_path / n, n)) for n in ("bn", "uan")]
     for figure in (plots.gradient_variance_figure(runs), plots.validation_figure(runs)):
