@@ -158,11 +158,12 @@ def aggregate(summaries: Iterable[dict]) -> dict[str, dict]:
 
 
 def cell(entry: dict, key: str, seeds: bool = False) -> str:
-    """One aggregated metric as "mean ± std" in %, with every seed's value when ``seeds``."""
+    """One aggregated metric as "mean ± std" in % ("mean" alone for one seed: it has no spread),
+    with every seed's value when ``seeds``."""
     c = entry.get(key)
     if not c:
         return "—"
-    text = f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
+    text = f"{100 * c['mean']:.2f}" + (f" ± {100 * c['std']:.2f}" if len(c["values"]) > 1 else "")
     return text + (f" ({', '.join(f'{100 * v:.1f}' for v in c['values'])})" if seeds else "")
 
 

@@ -33,6 +33,8 @@ def test_aggregation_gives_mean_sample_std_and_every_seed_in_order():
     assert table["uan"]["target/acc"]["mean"] == pytest.approx(0.96)
     text = da_table.markdown(table, "t")
     assert "93.00 ± 3.00 (96.0, 90.0, 93.0)" in text and "| 1 |" in text
+    one = da_table.aggregate([summary("mn", 0, 0.8)])["mn"]
+    assert da_table.cell(one, "target/acc", seeds=True) == "80.00 (80.0)"  # one seed has no spread to show
 
 
 def test_a_finished_cell_is_not_run_again(tmp_path, monkeypatch):
