@@ -226,13 +226,10 @@ def validation_figure(runs: Sequence[Run], sets: Sequence[str] | None = None) ->
     fig = Figure(figsize=(5 * len(sets), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sets)))
     # The seeds of one configuration share a colour and differ in line style.
-    configurations = list(dict.fromkeys(run.label.split(", seed ")[0] for run in runs))
-    seen: dict[str, int] = defaultdict(int)
-    styles = []
-    for run in runs:
-        base = run.label.split(", seed ")[0]
-        styles.append({"color": f"C{configurations.index(base) % 10}", "linestyle": ("-", "--", ":", "-.")[seen[base] % 4]})
-        seen[base] += 1
+    bases = [run.label.split(", seed ")[0] for run in runs]
+    colours = {base: f"C{i % 10}" for i, base in enumerate(dict.fromkeys(bases))}
+    styles = [{"color": colours[base], "linestyle": ("-", "--", ":", "-.")[bases[:i].count(base) % 4]}
+              for i, base in enumerate(bases)]
     one_domain = sets == ["source"] and not any("val/target/acc" in run.metrics for run in runs)
     for name, ax in zip(sets, axes):
         for run, style in zip(runs, styles):
