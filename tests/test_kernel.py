@@ -18,8 +18,7 @@ def broken_sources(tmp_path, monkeypatch):
     """A package whose kernel source does not compile, with its own build cache."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "broken.cpp").write_text("this is not C++\n")
-    for header in build.HEADERS:
-        (tmp_path / "src" / header).write_text("\n")
+    (tmp_path / "src" / build.HEADER).write_text("\n")
     monkeypatch.setattr(build, "SOURCES", ("broken.cpp",))
     monkeypatch.setattr(build, "_source_dir", lambda: tmp_path / "src")
     monkeypatch.setenv("ADAMATCH_UAN_CACHE", str(tmp_path / "cache"))
@@ -46,12 +45,12 @@ def test_the_cache_key_follows_what_changes_the_binary_not_where_the_sources_are
     key = build.build_key()
     copy = tmp_path / "elsewhere"
     copy.mkdir()
-    for name in (*build.SOURCES, *build.HEADERS):
+    for name in (*build.SOURCES, build.HEADER):
         shutil.copy(build._source_dir() / name, copy / name)
     monkeypatch.setattr(build, "_source_dir", lambda: copy)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")  # another PATH
     assert build.build_key() == key
-    (copy / build.HEADERS[-1]).write_text((copy / build.HEADERS[-1]).read_text() + "// changed\n")
+    (copy / build.HEADER).write_text((copy / build.HEADER).read_text() + "// changed\n")
     assert build.build_key() != key
     monkeypatch.setattr(build, "_source_dir", lambda: build.Path(build.__file__).parent)
     monkeypatch.setattr(build, "FLAGS", [*build.FLAGS, "-g"])
@@ -65,7 +64,7 @@ def test_a_copy_of_the_package_elsewhere_reuses_the_build(tmp_path, monkeypatch)
     built = library.stat().st_mtime_ns
     copy = tmp_path / "elsewhere"
     copy.mkdir()
-    for name in (*build.SOURCES, *build.HEADERS):
+    for name in (*build.SOURCES, build.HEADER):
         shutil.copy(build._source_dir() / name, copy / name)
     monkeypatch.setattr(build, "_source_dir", lambda: copy)
     assert build.build() is not None

@@ -1,7 +1,6 @@
 """Building the compiled CPU kernel: ``python -m adamatch_uan.norm.build`` builds it (or finds it built) and reports.
 
-The kernel (``mixture_kernel_float.cpp``, ``mixture_kernel_double.cpp``, ``mixture_node.cpp`` and the
-headers ``mixture_kernel.h``, ``mixture_passes.h``) is built with
+The kernel (``mixture_kernel.cpp``, ``mixture_node.cpp``, ``mixture_kernel.h``) is built with
 torch's ``cpp_extension`` and ninja into ``$ADAMATCH_UAN_CACHE/mixture-<key>`` (default
 ``~/.cache/adamatch_uan``); the key hashes what changes the binary: the sources, the flags,
 the compiler's version, torch's version and the CPU's instruction set (``-march=native``).
@@ -15,8 +14,7 @@ Two things would otherwise rebuild it behind the user's back, so they are pinned
 
 ``ADAMATCH_UAN_KERNEL``: ``0`` never builds (the torch-ops backend), ``1`` makes a failed build an
 error, unset: a failed build warns loudly (the cause and the fix) and the layers fall back to
-torch ops. The first build takes about 2 minutes on a 2-core CPU (ninja compiles the three
-translation units in parallel).
+torch ops. The first build takes about 3 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -35,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-# The float and double halves of the kernel are translation units of their own so that they compile in parallel.
-SOURCES = ("mixture_kernel_float.cpp", "mixture_kernel_double.cpp", "mixture_node.cpp")
-HEADERS = ("mixture_kernel.h", "mixture_passes.h")
+SOURCES = ("mixture_kernel.cpp", "mixture_node.cpp")
+HEADER = "mixture_kernel.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math"]
 FIX = ("Fix: install a C++ compiler (Debian: apt-get install g++) and run `python -m adamatch_uan.norm.build` "
@@ -72,7 +69,7 @@ def _compiler_version() -> str:
 
 def build_key() -> str:
     """sha256 over the sources, the flags, the compiler's and torch's versions and the CPU's flags (16 hex digits)."""
-    text = b"".join((_source_dir() / name).read_bytes() for name in (*SOURCES, *HEADERS))
+    text = b"".join((_source_dir() / name).read_bytes() for name in (*SOURCES, HEADER))
     extra = "\0".join([*FLAGS, _compiler_version(), torch.__version__, _cpu_signature()])
     return hashlib.sha256(text + extra.encode()).hexdigest()[:16]
 
@@ -120,7 +117,7 @@ def build(verbose: bool = False):
     sources = folder / "src"
     try:
         sources.mkdir(parents=True, exist_ok=True)
-        for name in (*SOURCES, *HEADERS):
+        for name in (*SOURCES, HEADER):
             target = sources / name
             if not target.exists() or target.read_bytes() != (_source_dir() / name).read_bytes():
                 shutil.copyfile(_source_dir() / name, target)

@@ -1,6 +1,6 @@
 """The mixture transform's dispatcher: which backend's autograd node a call runs.
 
-One file per backend: the compiled CPU kernel (``mixture_passes.h`` and its C++ node
+One file per backend: the compiled CPU kernel (``mixture_kernel.cpp`` and its C++ node
 ``mixture_node.cpp``, built by ``build.py``), Triton kernels for CUDA tensors (``triton_ops.py``)
 and torch ops for everything else (``torch_ops.py``, which also holds the (K, C) maths the
 Triton node shares). :func:`backend` says which a layer gets.
@@ -24,7 +24,7 @@ With ``h = 1 / (2 σ²)`` and ``lc = log λ - ½ log(2π σ²)``, the responsibi
 
 Between the sums and the output (and between the two backward passes) a distributed
 version would all-reduce S (and the reductions); the kernel keeps those passes apart inside
-its calls. The compiled kernel (``mixture_passes.h``) recomputes tau in registers in each
+its calls. The compiled kernel (``mixture_kernel.cpp``) recomputes tau in registers in each
 pass, so a pass reads x once, except that inputs whose tau fits in ``TAU_CACHE_BYTES`` keep
 the forward's first tau for the other three passes; it does the (K, C)-sized maths between
 passes itself. Its node (``mixture_node.cpp``) is a C++ autograd Function, so a layer costs

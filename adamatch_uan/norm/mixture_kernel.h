@@ -1,4 +1,4 @@
-// The two calls of the compiled mixture kernel (mixture_passes.h) and their arguments,
+// The two calls of the compiled mixture kernel (mixture_kernel.cpp) and their arguments,
 // shared with the autograd node that calls them (mixture_node.cpp).
 #pragma once
 
@@ -53,16 +53,6 @@ struct MixArgs {
 };
 
 // Forward and backward of the mixture transform on channels split between `threads`
-// OpenMP threads, for float (f32, mixture_kernel_float.cpp) or double (f64,
-// mixture_kernel_double.cpp) tensors. Return nonzero when K > kMaxK.
-int mix_forward_f32(const MixArgs* a, int threads);
-int mix_forward_f64(const MixArgs* a, int threads);
-int mix_backward_f32(const MixArgs* a, int threads);
-int mix_backward_f64(const MixArgs* a, int threads);
-
-inline int mix_forward(int is_double, const MixArgs* a, int threads) {
-  return is_double ? mix_forward_f64(a, threads) : mix_forward_f32(a, threads);
-}
-inline int mix_backward(int is_double, const MixArgs* a, int threads) {
-  return is_double ? mix_backward_f64(a, threads) : mix_backward_f32(a, threads);
-}
+// OpenMP threads; T is double when is_double, else float. Return nonzero when K > kMaxK.
+int mix_forward(int is_double, const MixArgs* a, int threads);
+int mix_backward(int is_double, const MixArgs* a, int threads);

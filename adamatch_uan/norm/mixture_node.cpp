@@ -1,7 +1,7 @@
 // The mixture transform as one autograd node written in C++ (torch's custom Function),
 // so that a layer's forward and backward each cost one call from Python: the node
 // allocates the output and the kernel's tables (one workspace), fills MixArgs, runs
-// mix_forward / mix_backward (mixture_kernel.h) and hands the gradients to autograd.
+// mix_forward / mix_backward (mixture_kernel.cpp) and hands the gradients to autograd.
 // A Python node costs several times more per call than these two kernel calls take on
 // a small input (kernel.py builds this file with torch's cpp_extension).
 #include <torch/extension.h>

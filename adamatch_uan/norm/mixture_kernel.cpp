@@ -27,12 +27,6 @@
 // pass's backward (the rest of the input gradient), every parameter gradient, the chain
 // through the parametrisation). The (K, C)-sized maths lives here too, so the autograd
 // node (mixture_node.cpp) issues no small torch ops around the calls.
-//
-// This header holds the passes as templates; mixture_kernel_float.cpp and
-// mixture_kernel_double.cpp instantiate them for one scalar type each, two translation
-// units that the build compiles in parallel (one took about 3 minutes on a 2-core CPU).
-#pragma once
-
 #include "mixture_kernel.h"
 
 #include <algorithm>
@@ -953,31 +947,28 @@ int run_k(const MixArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
-template <typename T, template <typename, int> class Pass>
-int run(const MixArgs* a, int threads) {
+template <template <typename, int> class Pass>
+int run(int is_double, const MixArgs* a, int threads) {
   int failed = 0;
   const int64_t C = a->C;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
   for (int t = 0; t < threads; ++t) {
     const int64_t c0 = C * t / threads, c1 = C * (t + 1) / threads;
-    failed |= run_k<T, Pass>(*a, c0, c1);
+    failed |= is_double ? run_k<double, Pass>(*a, c0, c1) : run_k<float, Pass>(*a, c0, c1);
   }
   return failed;
 }
 
-// The two calls for one scalar type T, instantiated by mixture_kernel_float.cpp and
-// mixture_kernel_double.cpp.
-template <typename T>
-int forward_as(const MixArgs* a, int threads) { return run<T, ForwardPass>(a, threads); }
+}  // namespace
 
-template <typename T>
-int backward_as(const MixArgs* a, int threads) {
+int mix_forward(int is_double, const MixArgs* a, int threads) { return run<ForwardPass>(is_double, a, threads); }
+int mix_backward(int is_double, const MixArgs* a, int threads) {
   // Scratch for dS, red, red2, laid out as MixArgs describes; red2 stays null without
   // batch statistics (no stats pass to reduce).
   const int64_t KC = a->K * a->C, GKC = a->G * KC;
   MixArgs b = *a;
   char* base = reinterpret_cast<char*>(thread_scratch<double, kBackwardTables>(3 * KC + 8 * GKC));
-  constexpr int64_t size = sizeof(T);
+  const int64_t size = is_double ? sizeof(double) : sizeof(float);
   b.red = base + 3 * KC * size;
   b.red2 = a->sums ? base + (3 * KC + 5 * GKC) * size : nullptr;
   if (a->phase == 1) {
@@ -985,7 +976,5 @@ int backward_as(const MixArgs* a, int threads) {
   } else {
     b.dS = base;
   }
-  return run<T, BackwardPass>(&b, threads);
+  return run<BackwardPass>(is_double, &b, threads);
 }
-
-}  // namespace
