@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,19 +57,42 @@ def test_a_chosen_method_and_data_module_keep_their_own_defaults():
     assert "norm: mn" in text and "batch_size: 128" in text
 
 
+def _signal_state(pid: int) -> str:
+    """The kernel's view of a process's signals (pending, blocked, ignored, caught masks)."""
+    status = Path(f"/proc/{pid}/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return " ".join(line for line in lines if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_interrupted_run_keeps_a_checkpoint_and_resumes_from_it(data, tmp_path):
     import torch
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, run, 100_000)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "last.ckpt").exists():  # training is under way
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # what Ctrl+C sends
-    _, err = proc.communicate(timeout=300)
+    # A suite started as a background job of a non-interactive shell ignores SIGINT, and a child
+    # inherits an ignored signal (Python then keeps it ignored): the run must start with Python's default.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, run, 100_000)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.ckpt").exists():  # training is under way
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # what Ctrl+C sends
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            state = _signal_state(proc.pid)
+            proc.kill()
+            pytest.fail(f"the run went on for 300 s after SIGINT; its signals: {state}\n{proc.communicate()[1][-3000:]}")
+    finally:
+        if proc.poll() is None:  # a failed test must not leave a run training beside the others
+            proc.kill()
+            proc.communicate()
     assert proc.returncode != 0
     saved = run / "checkpoints" / "on_exception.ckpt"
     assert saved.exists(), err[-3000:]
