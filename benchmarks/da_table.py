@@ -43,8 +43,9 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "uan_ctx": "AdaMatch + UAN, domain as context (defaults)",
     "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
     "uan_running": "AdaMatch + UAN, task-gradient fit, BatchNorm's rule (inference=\"running\")",
+    "mn_online": "AdaMatch + MN, τ from the running mixture (tau_from=\"running\", online EM)",
 }
-TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_ctx", "uan_input"]  # docs/RESULTS.md's rows; uan_running on request
+TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_ctx", "uan_input"]  # docs/RESULTS.md's rows; the others on request
 PAIRS = {  # pair -> data arguments given the data root
     "mnist_usps": lambda root: ["--data.source", "mnist", "--data.target", f"npz:{Path(root) / USPS_NPZ}"],
     "usps_mnist": lambda root: ["--data.source", f"npz:{Path(root) / USPS_NPZ}", "--data.target", "mnist"],

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from da_table import portable
+from eval_rules import evaluate_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mixture_learning"
@@ -79,26 +80,9 @@ def final_state(model) -> dict[str, dict[str, float]]:
 def test_both_rules(run_dir: Path) -> tuple[dict[str, dict[str, float]], dict]:
     """Test the selected checkpoint's EMA model under each inference rule: {rule: {set: accuracy}},
     and the state of its mixtures."""
-    import lightning as L
-    import yaml
-
-    from adamatch_uan.data import DomainPairDataModule
-    from adamatch_uan.methods import AdaMatch
-    from adamatch_uan.norm import UAN
-
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    data = DomainPairDataModule(**config["data"])
-    selected = json.loads((run_dir / "results.json").read_text())["checkpoint"]
-    model = AdaMatch.load_from_checkpoint(selected, map_location="cpu")
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    accuracy = {}
-    for rule in ("learned", "running"):
-        for layer in model.modules():
-            if isinstance(layer, UAN):
-                layer.inference = rule
-        tested = {k: v for d in trainer.test(model, datamodule=data, verbose=False) for k, v in d.items()}
-        accuracy[rule] = {name: tested[f"test/{name}/acc"] for name in model.eval_names}
-    return accuracy, final_state(model)
+    tested = evaluate_rules(run_dir, inferences=["learned", "running"])
+    accuracy = {r["inference"]: {name: t["acc"] for name, t in r["test"].items()} for r in tested["rules"].values()}
+    return accuracy, final_state(tested["model"])
 
 
 def read_trace(run_dir: Path) -> dict[str, dict[int, float]]:

@@ -84,6 +84,21 @@ def test_evaluation_uses_running_mixture_and_running_statistics():
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("tau_from", ["fit", "running"])
+def test_training_takes_tau_from_the_chosen_mixture_and_the_batch_statistics(tau_from):
+    layer = MixtureNorm(3, momentum=0.3, tau_from=tau_from)
+    for _ in range(3):
+        layer(torch.randn(16, 3, 4, 4) * 2 + 1)
+    x = torch.randn(16, 3, 4, 4) * 2 + 1
+    y = layer(x)  # the fit and the running mixture it joined are this batch's
+    assert not torch.allclose(layer.fit_mean, layer.running_mean)
+    for source in ("fit", "running"):
+        lw, mu, var = layer._mixture(source)
+        floor = layer.var_floor * layer.fit_channel_var
+        expected = transform(x, lw, mu, var, layer.weight, layer.bias, layer.eps, delta2_floor=floor)
+        assert torch.allclose(y, expected, atol=1e-5) == (source == tau_from), source
+
+
 def test_gradients_flow_to_input_and_affine_not_into_em():
     layer = MixtureNorm(3)
     x = torch.randn(8, 3, 4, 4, requires_grad=True)
@@ -95,6 +110,8 @@ def test_gradients_flow_to_input_and_affine_not_into_em():
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="em_every"):
         MixtureNorm(3, em_every=0)
+    with pytest.raises(ValueError, match=r"tau_from in \('fit', 'running'\), got 'batch'.*norm_options"):
+        MixtureNorm(3, tau_from="batch")
 
 
 def test_var_floor_keeps_em_variances_and_the_scale_relative_to_the_channel():

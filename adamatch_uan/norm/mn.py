@@ -22,12 +22,17 @@ No public implementation exists; this one makes these choices:
   BatchNorm).
 - Running averages (momentum) of (λ, μ, σ²) and of (α, δ²) serve evaluation: τ from the
   running mixture, transform with the running α, δ².
+- Which mixture gives τ in training (``tau_from``): ``"fit"``, the batch's own EM fit (Kalayeh &
+  Shah estimate the mixture on each mini-batch), or ``"running"``, the running average of the
+  fits after this batch's fit joined it (online, stepwise EM: τ then moves smoothly from step to
+  step and is the mixture evaluation uses; UAN's momentum fit does the same, docs/RESULTS.md).
 - Gradients flow through the transform (and through τ's dependence on x), never into EM.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +40,8 @@ from torch import Tensor, nn
 from adamatch_uan.norm.mixture import Mixture, mixture_normalize, positions, sample_positions, spread_mixture
 from adamatch_uan.norm.sync import all_reduce, channel_moments, distributed
 
+TauFrom = Literal["fit", "running"]
+TAU_FROM = ("fit", "running")
 # A component whose share of the subsample falls below this keeps its previous estimates.
 _EMPTY_SHARE = 1e-6
 
@@ -119,6 +126,8 @@ class MixtureNorm(nn.Module):
         min_var: floor of the EM variances.
         min_weight: floor of the EM weights.
         var_floor: EM's σ_k² and the transform's δ_k² are floored at this × the channel's variance.
+        tau_from: the mixture that gives τ in training: ``"fit"`` (the batch's EM fit) or
+            ``"running"`` (the running average of the fits, as in evaluation).
 
     Shape:
         x: (N, C) or (N, C, *spatial); output has the same shape and dtype.
@@ -126,8 +135,11 @@ class MixtureNorm(nn.Module):
 
     def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5, momentum: float = 0.1,
                  em_iters: int = 3, em_every: int = 1, max_samples: int = 4096, affine: bool = True,
-                 min_var: float = 1e-3, min_weight: float = 1e-6, var_floor: float = 0.01) -> None:
+                 min_var: float = 1e-3, min_weight: float = 1e-6, var_floor: float = 0.01,
+                 tau_from: TauFrom = "fit") -> None:
         super().__init__()
+        if tau_from not in TAU_FROM:
+            raise ValueError(f"Expected tau_from in {TAU_FROM}, got {tau_from!r}; use norm_options {{\"tau_from\": ...}}")
         if num_components < 1 or em_iters < 1 or em_every < 1 or max_samples < 2 or not 0 <= var_floor < 1:
             raise ValueError(f"Expected num_components, em_iters, em_every >= 1, max_samples >= 2 and "
                              f"0 <= var_floor < 1, got {num_components}, {em_iters}, {em_every}, {max_samples}, "
@@ -135,6 +147,7 @@ class MixtureNorm(nn.Module):
         self.num_features, self.num_components = num_features, num_components
         self.eps, self.momentum, self.min_var, self.min_weight = eps, momentum, min_var, min_weight
         self.em_iters, self.em_every, self.max_samples, self.var_floor = em_iters, em_every, max_samples, var_floor
+        self.tau_from = tau_from
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
         K, C = num_components, num_features
@@ -194,7 +207,7 @@ class MixtureNorm(nn.Module):
         if self.num_batches_tracked % self.em_every == 0:
             self._fit(x)
         # The mixture is saved for backward: clone it, so a later in-place fit leaves the graph valid.
-        fit = Mixture(*(t.clone() for t in self._mixture("fit")))
+        fit = Mixture(*(t.clone() for t in self._mixture(self.tau_from)))
         floor = self._floor("fit")  # a new tensor, as the fit's copies
         running = (self.running_alpha, self.running_delta2, self.momentum)
         y, _ = mixture_normalize(x, fit, self.weight, self.bias, self.eps, running=running, batch_stats=False,
@@ -204,4 +217,5 @@ class MixtureNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-                f"em_iters={self.em_iters}, em_every={self.em_every}, max_samples={self.max_samples}")
+                f"em_iters={self.em_iters}, em_every={self.em_every}, max_samples={self.max_samples}, "
+                f"tau_from={self.tau_from!r}")
