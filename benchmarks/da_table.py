@@ -13,7 +13,8 @@ select). Each run's summary is written to
 ``benchmarks/results/da_table/<pair>-<steps>steps/<row>-seed<seed>.json`` (committed, so a
 sweep can span machines); a run whose summary exists is skipped, a run that stopped on a
 non-finite loss is recorded as diverged. The aggregate, mean ± sample std over seeds and
-every seed, goes to ``benchmarks/results/da_table_<pair>-<steps>steps.{json,md}`` and is printed.
+every seed, with each row's per-seed difference from BN, goes to
+``benchmarks/results/da_table_<pair>-<steps>steps.{json,md}`` and is printed.
 """
 
 from __future__ import annotations
@@ -158,25 +159,45 @@ def aggregate(summaries: Iterable[dict]) -> dict[str, dict]:
     return table
 
 
-def cell(entry: dict, key: str, seeds: bool = False) -> str:
+def paired_difference(table: dict[str, dict], baseline: str = "bn", key: str = "target/acc") -> None:
+    """Add to every row of ``table`` but the baseline ``"<key> − <baseline>"``: the per-seed difference of
+    ``key`` from the baseline's at the seeds both finished (the same seed gives both the same data split
+    and sampling stream), with mean and sample std, in place."""
+    if baseline not in table or key not in table[baseline]:
+        return
+    base = dict(zip(table[baseline]["seeds"], table[baseline][key]["values"]))
+    for row, entry in table.items():
+        if row == baseline or key not in entry:
+            continue
+        pairs = [(seed, value - base[seed]) for seed, value in zip(entry["seeds"], entry[key]["values"]) if seed in base]
+        if pairs:
+            mean, std = _mean_std([d for _, d in pairs])
+            entry[f"{key} − {baseline}"] = {"seeds": [s for s, _ in pairs], "values": [d for _, d in pairs],
+                                            "mean": mean, "std": std}
+
+
+def cell(entry: dict, key: str, seeds: bool = False, signed: bool = False) -> str:
     """One aggregated metric as "mean ± std" in % ("mean" alone for one seed: it has no spread),
-    with every seed's value when ``seeds``."""
+    with every seed's value when ``seeds`` and a sign on every number when ``signed`` (a difference)."""
     c = entry.get(key)
     if not c:
         return "—"
-    text = f"{100 * c['mean']:.2f}" + (f" ± {100 * c['std']:.2f}" if len(c["values"]) > 1 else "")
-    return text + (f" ({', '.join(f'{100 * v:.1f}' for v in c['values'])})" if seeds else "")
+    sign = "+" if signed else ""
+    text = f"{100 * c['mean']:{sign}.2f}" + (f" ± {100 * c['std']:.2f}" if len(c["values"]) > 1 else "")
+    return text + (" (" + ", ".join(f"{100 * v:{sign}.1f}" for v in c["values"]) + ")" if seeds else "")
 
 
 def markdown(table: dict[str, dict], title: str) -> str:
     """The table as markdown: mean ± std in % and every seed, target first."""
     lines = [f"**{title}**", "",
-             "| row | seeds | target acc % (each seed) | target macro F1 % | source acc % | diverged |",
-             "|---|---|---|---:|---:|---|"]
+             "| row | seeds | target acc % (each seed) | − BN, points (same seeds) | target macro F1 % | source acc % "
+             "| diverged |",
+             "|---|---|---|---|---:|---:|---|"]
     for row, entry in table.items():
         lines.append(f"| {ROWS.get(row, row)} | {', '.join(map(str, entry['seeds']))} | "
-                     f"{cell(entry, 'target/acc', seeds=True)} | {cell(entry, 'target/f1')} | "
-                     f"{cell(entry, 'source/acc')} | {', '.join(map(str, entry['diverged'])) or '—'} |")
+                     f"{cell(entry, 'target/acc', seeds=True)} | {cell(entry, 'target/acc − bn', seeds=True, signed=True)} | "
+                     f"{cell(entry, 'target/f1')} | {cell(entry, 'source/acc')} | "
+                     f"{', '.join(map(str, entry['diverged'])) or '—'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run_one(args.pair, row, seed, args.steps, str(Path(args.data_root).resolve()), Path(args.runs), out)
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     table = aggregate(summaries)
+    paired_difference(table)
     (RESULTS / f"da_table_{tag}.json").write_text(json.dumps(table, indent=1) + "\n")
     text = markdown(table, f"{args.pair.replace('_', ' → ')} ({args.steps} steps, seeds as listed)")
     (RESULTS / f"da_table_{tag}.md").write_text(text)

@@ -37,6 +37,20 @@ def test_aggregation_gives_mean_sample_std_and_every_seed_in_order():
     assert da_table.cell(one, "target/acc", seeds=True) == "80.00 (80.0)"  # one seed has no spread to show
 
 
+def test_each_row_is_paired_with_bn_at_the_seeds_both_finished():
+    rows = [summary("bn", 0, 0.96), summary("bn", 1, 0.90), summary("bn", 2, 0.93),
+            summary("uan", 0, 0.97), summary("uan", 1, 0.0, status="diverged"), summary("uan", 2, 0.90),
+            summary("mn", 3, 0.5)]
+    table = da_table.aggregate(rows)
+    da_table.paired_difference(table)
+    uan = table["uan"]["target/acc − bn"]
+    assert uan["seeds"] == [0, 2] and uan["values"] == pytest.approx([0.01, -0.03])
+    assert uan["mean"] == pytest.approx(-0.01) and uan["std"] == pytest.approx(statistics.stdev([0.01, -0.03]))
+    assert "target/acc − bn" not in table["bn"] and "target/acc − bn" not in table["mn"]  # no seed in common
+    text = da_table.markdown(table, "t")
+    assert "-1.00 ± 2.83 (+1.0, -3.0)" in text
+
+
 def test_a_finished_cell_is_not_run_again(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
