@@ -44,6 +44,7 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "uan_ctx": "AdaMatch + UAN, domain as context (defaults)",
     "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
     "uan_running": "AdaMatch + UAN, task-gradient fit, BatchNorm's rule (inference=\"running\")",
+    "uan_ctx_running": "AdaMatch + UAN, domain as context, task-gradient fit, BatchNorm's rule (inference=\"running\")",
     "mn_online": "AdaMatch + MN, τ from the running mixture (tau_from=\"running\", online EM)",
 }
 TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_ctx", "uan_input"]  # docs/RESULTS.md's rows; the others on request
