@@ -119,12 +119,15 @@ def test_ddp_leaves_the_ema_copy_alone():
 
 
 def test_several_processes_refuse_unsynced_layers_that_write_parameters():
-    method = AdaMatch(num_classes=2, norm="uan")  # the momentum fit writes μ, σ², λ
+    method = AdaMatch(num_classes=2, norm="uan", norm_options={"mixture_fit": "momentum"})  # writes μ, σ², λ
     method._trainer = SimpleNamespace(world_size=2, global_rank=0)
     with pytest.raises(ValueError, match="sync_batchnorm true"):
         method.on_fit_start()
     sync_norms(method.model)
     method.on_fit_start()  # synced: accepted
+    plain = AdaMatch(num_classes=2, norm="uan")  # the default task-gradient fit writes no parameter
+    plain._trainer = SimpleNamespace(world_size=2, global_rank=0)
+    plain.on_fit_start()
 
 
 def test_batch_statistics_are_means_over_processes():

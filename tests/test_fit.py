@@ -145,7 +145,9 @@ def test_two_processes_train_one_run(data, tmp_path):
     probe.mkdir()
     env = {**os.environ, "DDP_PROBE_DIR": str(probe),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    # UAN's momentum fit also writes μ, σ², λ from the synced statistics: those must stay identical too.
     done = subprocess.run([sys.executable, "-m", "adamatch_uan.fit", *smoke_args(data, run, 4), "--norm", "uan",
+                           "--model.init_args.norm_options", '{"mixture_fit": "momentum"}',
                            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                            "--trainer.sync_batchnorm", "true", "--trainer.callbacks+=ddp_probe.RankProbe"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

@@ -16,10 +16,11 @@ from adamatch_uan.norm.sync import AllReduceSum, reshift
 pytestmark = pytest.mark.xdist_group("sync")  # one worker runs the module's process pairs, once per backend
 
 N, C, SPATIAL = 8, 3, (3, 4)
-# name -> (layer factory, context?) ; sampling covers every position (max_samples), so runs are deterministic
+# name -> (layer factory, context?) ; sampling covers every position (max_samples), so runs are deterministic.
+# UAN runs the momentum fit: it is the task-gradient fit (the default) plus writes of μ, σ², λ from the synced sums.
 LAYERS = {
-    "uan": (lambda k: UAN(C, num_components=k, max_samples=10**6), False),
-    "uan_ctx": (lambda k: UAN(C, num_components=k, num_contexts=2, max_samples=10**6), True),
+    "uan": (lambda k: UAN(C, num_components=k, max_samples=10**6, mixture_fit="momentum"), False),
+    "uan_ctx": (lambda k: UAN(C, num_components=k, num_contexts=2, max_samples=10**6, mixture_fit="momentum"), True),
     "mn": (lambda k: MixtureNorm(C, num_components=k, max_samples=10**6), False),
     # torch's BatchNorm, which sync_norms makes a SyncedBatchNorm (on the CPU, the K = 1 mixture transform)
     "bn": (lambda k: BatchNorm(C), False),

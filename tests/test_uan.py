@@ -8,6 +8,7 @@ from torch.func import functional_call
 
 from adamatch_uan.norm import UAN, frozen_stats
 from adamatch_uan.norm.mixture import spread_mixture
+from adamatch_uan.norm.uan import INFERENCES
 
 from formulas import responsibilities, transform
 
@@ -147,23 +148,25 @@ def test_running_inference_uses_running_batch_statistics():
     torch.testing.assert_close(layer(x), expected)
 
 
-def test_context_changes_the_output_only_through_its_weights():
-    layer = UAN(3, num_contexts=2, mixture_fit="gradient")  # training forwards leave the mixture as it is
+@pytest.mark.parametrize("inference", INFERENCES)
+def test_context_changes_the_output_only_through_its_weights(inference):
+    # Evaluation first: training forwards update the running statistics, which differ by context.
+    layer = UAN(3, num_contexts=2, mixture_fit="gradient", inference=inference)  # training leaves the mixture as it is
     x = torch.randn(8, 3, 4, 4)
-    for training in (True, False):
+    for training in (False, True):
         layer.train(training)
         torch.testing.assert_close(layer(x, torch.zeros(8, dtype=torch.long)), layer(x, torch.ones(8, dtype=torch.long)))
     with torch.no_grad():
         layer.prior_logits[1].add_(torch.randn(3, 3))
-    plain = UAN(3, mixture_fit="gradient")
+    plain = UAN(3, mixture_fit="gradient", inference=inference)
     plain.load_state_dict({k: v[1:] if k == "prior_logits" else v for k, v in layer.state_dict().items()})
-    for training in (True, False):
-        layer.train(training), plain.train(training)
-        torch.testing.assert_close(layer(x, 1), plain(x))
-        assert not torch.allclose(layer(x, 0), layer(x, 1))
     mixed = torch.tensor([0, 1] * 4)
     layer.eval(), plain.eval()
     torch.testing.assert_close(layer(x, mixed)[1::2], plain(x[1::2]))
+    for training in (False, True):
+        layer.train(training), plain.train(training)
+        torch.testing.assert_close(layer(x, 1), plain(x))
+        assert not torch.allclose(layer(x, 0), layer(x, 1))
 
 
 def test_default_context_is_used_without_one():
@@ -241,11 +244,15 @@ def test_var_floor_tames_a_component_on_a_spike(mixture_fit):
     assert largest[0.01] < largest[0.0] / 4, largest
 
 
-def test_k1_with_a_var_floor_is_still_batchnorm():
-    layer = UAN(5, num_components=1, var_floor=0.01)
+def test_k1_with_the_defaults_is_batchnorm_in_training_and_evaluation():
+    layer = UAN(5, num_components=1)  # the defaults: var_floor 0.01, the task-gradient fit, the running rule
     reference = torch.nn.BatchNorm2d(5)
-    x = torch.randn(8, 5, 6, 7) * 3 + 1
-    torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+    for step in range(4):  # the running statistics follow BatchNorm's, step by step
+        x = torch.randn(8, 5, 6, 7) * (step + 1) + step
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+    layer.eval(), reference.eval()
+    x = torch.randn(3, 5, 6, 7) * 2
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
 def test_mixture_fit_options_are_validated():
