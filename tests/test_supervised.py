@@ -33,10 +33,10 @@ def test_schedules():
     assert [lr_factor(t, 100, 0.25, "step") for t in (0, 49, 50, 74, 75, 100)] == [1, 1, 0.1, 0.1, 0.1**2, 0.1**2]
 
 
-def test_learns_the_stripes_and_evaluates_the_trained_model():
+def test_learns_the_stripes_and_evaluates_the_trained_model(tmp_path):
     torch.manual_seed(0)
     method = Supervised(num_classes=2, norm="uan", lr=0.05)
-    trainer = quiet_trainer(max_steps=30, limit_val_batches=2)
+    trainer = quiet_trainer(max_steps=30, limit_val_batches=2, default_root_dir=tmp_path)  # the test writes its matrices there
     trainer.fit(method, train_dataloaders=labelled_batches(30), val_dataloaders=toy_eval_batches())
     tested = trainer.test(method, dataloaders=toy_eval_batches(4), verbose=False)[0]
     assert tested["test/source/acc"] > 0.9
