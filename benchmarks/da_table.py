@@ -42,12 +42,13 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "mn": "AdaMatch + MN (defaults)",
     "uan": "AdaMatch + UAN (defaults: task-gradient fit, BatchNorm's rule)",
     "uan_momentum": "AdaMatch + UAN, momentum fit, the paper's rule (the defaults before 2026-12-03)",
-    "uan_ctx": "AdaMatch + UAN, domain as context (defaults)",
+    "uan_ctx": "AdaMatch + UAN, domain as context (defaults: task-gradient fit, BatchNorm's rule)",
+    "uan_ctx_momentum": "AdaMatch + UAN, domain as context, momentum fit, the paper's rule (the defaults before 2026-12-03)",
     "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
-    "uan_ctx_running": "AdaMatch + UAN, domain as context, task-gradient fit, BatchNorm's rule (inference=\"running\")",
     "mn_online": "AdaMatch + MN, τ from the running mixture (tau_from=\"running\", online EM)",
 }
-TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_momentum", "uan_ctx", "uan_input"]  # docs/RESULTS.md's rows; the others on request
+# docs/RESULTS.md's rows; the others on request
+TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input"]
 PAIRS = {  # pair -> data arguments given the data root
     "mnist_usps": lambda root: ["--data.source", "mnist", "--data.target", f"npz:{Path(root) / USPS_NPZ}"],
     "usps_mnist": lambda root: ["--data.source", f"npz:{Path(root) / USPS_NPZ}", "--data.target", "mnist"],

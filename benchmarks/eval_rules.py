@@ -2,7 +2,7 @@
 under UAN's two inference rules and, where norm layers take a context, with the target test set
 given the source or the target context id.
 
-    python benchmarks/eval_rules.py --pair mnist_usps [--rows uan uan_momentum uan_ctx uan_input] [--seeds 0 1 2]
+    python benchmarks/eval_rules.py --pair mnist_usps [--rows uan uan_momentum uan_ctx uan_ctx_momentum uan_input] [--seeds 0 1 2]
     python benchmarks/eval_rules.py --pair mnist_usps --aggregate-only
 
 The rules change evaluation only, so one training run serves every rule and the comparison is
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from da_table import RESULTS, ROOT, portable
 
-ROWS = ("uan", "uan_momentum", "uan_ctx", "uan_input")
+ROWS = ("uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input")
 CONTEXT_NAMES = {0: "source", 1: "target"}
 
 

@@ -30,9 +30,8 @@ NORMS: dict[str, NormFactory] = {
     "bn": BatchNorm,
     "mn": MixtureNorm,
     "uan": UAN,
-    # UAN with the domain as context: source = 0, target = 1 (docs/METHOD.md §4), fitted by the momentum
-    # writes and evaluated with the paper's rule (the task-gradient fit is measured in docs/RESULTS.md).
-    "uan_ctx": functools.partial(UAN, num_contexts=2, mixture_fit="momentum", inference="learned"),
+    # UAN with the domain as context: source = 0, target = 1 (docs/METHOD.md §4).
+    "uan_ctx": functools.partial(UAN, num_contexts=2),
     # The paper's literal reading: the task gradient alone fits the mixture, no variance floor,
     # evaluation with the learned μ, σ² (docs/RESULTS.md: it evaluates a mixture that describes nothing).
     "uan_paper": functools.partial(UAN, mixture_fit="gradient", var_floor=0.0, inference="learned"),
