@@ -46,6 +46,7 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "uan_ctx_momentum": "AdaMatch + UAN, domain as context, momentum fit, the paper's rule (the defaults before 2026-12-03)",
     "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
     "mn_online": "AdaMatch + MN, τ from the running mixture (tau_from=\"running\", online EM)",
+    "mn_k2": "AdaMatch + MN, K = 2 components",
 }
 # docs/RESULTS.md's rows; the others on request
 TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input"]
