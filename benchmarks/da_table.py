@@ -48,6 +48,7 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "mn_online": "AdaMatch + MN, τ from the running mixture (tau_from=\"running\", online EM)",
     "mn_k2": "AdaMatch + MN, K = 2 components",
     "mn_wide": "AdaMatch + MN, var_floor = 0.1 (σ_k, δ_k ≥ 0.32 × the channel's std)",
+    "mn_k2_wide": "AdaMatch + MN, K = 2 and var_floor = 0.1",
 }
 # docs/RESULTS.md's rows; the others on request
 TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input"]
