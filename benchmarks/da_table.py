@@ -39,19 +39,19 @@ USPS_NPZ = "USPS/usps_esl_16x16.npz"
 ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "source_only": "source-only (BN), no adaptation",
     "bn": "AdaMatch + BN",
-    "mn": "AdaMatch + MN (defaults)",
+    "mn": "AdaMatch + MN (defaults: K = 2, var_floor = 0.1)",
+    "mn_k3": "AdaMatch + MN, K = 3, var_floor = 0.01 (the defaults before 2026-12-03)",
     "uan": "AdaMatch + UAN (defaults: task-gradient fit, BatchNorm's rule)",
     "uan_momentum": "AdaMatch + UAN, momentum fit, the paper's rule (the defaults before 2026-12-03)",
     "uan_ctx": "AdaMatch + UAN, domain as context (defaults: task-gradient fit, BatchNorm's rule)",
     "uan_ctx_momentum": "AdaMatch + UAN, domain as context, momentum fit, the paper's rule (the defaults before 2026-12-03)",
     "uan_input": "AdaMatch + BN, UAN (K = 2, domain context) on the input image (the authors' layout)",
-    "mn_online": "AdaMatch + MN, τ from the running mixture (tau_from=\"running\", online EM)",
-    "mn_k2": "AdaMatch + MN, K = 2 components",
-    "mn_wide": "AdaMatch + MN, var_floor = 0.1 (σ_k, δ_k ≥ 0.32 × the channel's std)",
-    "mn_k2_wide": "AdaMatch + MN, K = 2 and var_floor = 0.1",
+    "mn_online": "AdaMatch + MN, K = 3, var_floor = 0.01, τ from the running mixture (tau_from=\"running\", online EM)",
+    "mn_k2": "AdaMatch + MN, K = 2, var_floor = 0.01",
+    "mn_wide": "AdaMatch + MN, K = 3, var_floor = 0.1",
 }
 # docs/RESULTS.md's rows; the others on request
-TABLE_ROWS = ["source_only", "bn", "mn", "uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input"]
+TABLE_ROWS = ["source_only", "bn", "mn", "mn_k3", "uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input"]
 PAIRS = {  # pair -> data arguments given the data root
     "mnist_usps": lambda root: ["--data.source", "mnist", "--data.target", f"npz:{Path(root) / USPS_NPZ}"],
     "usps_mnist": lambda root: ["--data.source", f"npz:{Path(root) / USPS_NPZ}", "--data.target", "mnist"],

@@ -26,7 +26,8 @@ def test_em_recovers_a_well_separated_mixture():
 
 
 def test_layer_fits_the_mixture_and_normalizes_each_component():
-    layer = MixtureNorm(2, num_components=3, em_iters=3, max_samples=4096, affine=False)
+    # The true components are narrower than the default floor (0.32 of the channel's std): a floor below them.
+    layer = MixtureNorm(2, num_components=3, em_iters=3, max_samples=4096, affine=False, var_floor=0.01)
     for _ in range(40):
         layer(mixture_samples(1024))
     weight, mean, var = sorted_fit(layer.fit_weight, layer.fit_mean, layer.fit_var)
@@ -57,6 +58,27 @@ def test_em_runs_every_em_every_steps_on_at_most_max_samples(monkeypatch):
         layer(torch.randn(16, 4, 5, 5))
     assert len(seen) == 3 and all(s == (4, 100) for s in seen)
     assert int(layer.num_fits) == 3 and int(layer.num_batches_tracked) == 7
+
+
+@pytest.mark.parametrize("num_components", [2, 3])
+def test_default_floor_keeps_every_component_at_least_a_tenth_of_the_channel_variance(num_components):
+    layer = MixtureNorm(2, num_components=num_components)
+    for _ in range(5):
+        x = mixture_samples(1024)
+        y = layer(x)
+        floor = layer.var_floor * x.var(0, correction=0)
+        assert torch.isfinite(y).all()
+        assert (layer.fit_var >= 0.9 * floor).all() and (layer.running_var >= 0.9 * floor).all()
+
+
+def test_a_state_with_another_number_of_components_is_a_clear_error():
+    earlier = MixtureNorm(4, num_components=3, var_floor=0.01)
+    earlier(torch.randn(8, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"3 at .*num_components=3"):
+        MixtureNorm(4).load_state_dict(earlier.state_dict())
+    same = MixtureNorm(4, num_components=3, var_floor=0.01)
+    same.load_state_dict(earlier.state_dict())
+    torch.testing.assert_close(same.running_mean, earlier.running_mean)
 
 
 def test_fits_are_warm_started_from_the_running_estimates(monkeypatch):
@@ -138,6 +160,6 @@ def test_var_floor_keeps_em_variances_and_the_scale_relative_to_the_channel():
 def test_the_first_fit_starts_spread_even_when_most_values_are_equal():
     x = torch.zeros(16, 1, 8, 8)
     x[:, :, :2] = torch.randn(16, 1, 2, 8)
-    layer = MixtureNorm(1)
+    layer = MixtureNorm(1, num_components=3)
     layer(x)
     assert layer.fit_mean.unique().numel() == 3  # quantiles would have started two components at 0

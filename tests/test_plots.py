@@ -36,7 +36,7 @@ def test_one_component_is_the_gaussian_and_extremes_stay_finite():
     assert np.isfinite(far).all()
 
 
-@pytest.mark.parametrize("norm, K", [("bn", 1), ("mn", 3), ("uan", 3), ("uan_ctx", 3)])
+@pytest.mark.parametrize("norm, K", [("bn", 1), ("mn", 2), ("uan", 3), ("uan_ctx", 3)])
 def test_layer_mixture_has_K_components_with_weights_summing_to_one(norm, K):
     layer = make_norm(norm, 5)
     weights, means, var = plots.layer_mixture(layer)
