@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from adamatch_uan.norm import kernel
+from adamatch_uan.norm import backends as kernel
 from adamatch_uan.norm.mixture import LearnedMixture, Mixture, mixture_normalize
 
 SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 128, 8, 8), (256, 256)]

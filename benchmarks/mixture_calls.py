@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adamatch_uan.norm import kernel, make_norm
+from adamatch_uan.norm import backends as kernel, make_norm
 
 SHAPES = [(256, 128, 8, 8), (256, 256)]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from adamatch_uan.norm import kernel, make_norm
+from adamatch_uan.norm import backends as kernel, make_norm
 
 SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 128, 8, 8), (256, 256)]
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth of the SXM parts, GB/s

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from adamatch_uan.norm import kernel  # noqa: E402
+from adamatch_uan.norm import backends  # noqa: E402
 
 # A worker of pytest-xdist (one per core) and the runs it launches get one thread each: more
 # threads than cores make OpenMP's workers spin against each other and slow every test.
@@ -28,10 +28,10 @@ SHARED = ROOT.parent / "shared" / "data"
 def backend(request, monkeypatch):
     """Run a test on the compiled CPU kernel and on the torch-ops backend."""
     if request.param == "kernel":
-        if not kernel.kernel_available():
+        if not backends.kernel_available():
             pytest.skip("no C++ compiler: the compiled kernel is unavailable")
     else:
-        monkeypatch.setattr(kernel, "_uses_kernel", lambda x, mu: False)
+        monkeypatch.setattr(backends, "_uses_kernel", lambda x, mu: False)
     return request.param
 
 

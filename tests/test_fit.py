@@ -25,7 +25,7 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
     assert "norm: mn" in (run / "config.yaml").read_text()  # the --norm shortcut reached the model
     assert "acc" in done.stdout and "target" in done.stdout  # the printed table
     assert (run / "gradient_variance.csv").exists() and list((run / "activations").glob("*.png"))  # smoke.yaml's callbacks
-    from adamatch_uan.norm.kernel import backend
+    from adamatch_uan.norm.backends import backend
 
     said = done.stdout + done.stderr
     assert said.count("mixture layers on") == 1 and f"mixture layers on {backend('cpu', 3)}: norms.0.layer" in said

@@ -2,7 +2,7 @@
 
 import torch
 
-from adamatch_uan.norm import torch_ops
+from adamatch_uan.norm.backends import torch_ops
 
 
 def test_sum_grads_are_autograds_gradient_of_the_moments():

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from adamatch_uan.norm import torch_ops  # noqa: E402
-from adamatch_uan.norm import triton_ops  # noqa: E402
+from adamatch_uan.norm.backends import torch_ops  # noqa: E402
+from adamatch_uan.norm.backends import triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # batch statistics (training) and given ones (evaluation), UAN's parametrisation and MN's
@@ -109,7 +109,8 @@ def test_an_empty_batch_gives_zero_sums():
 
 @pytest.mark.parametrize("name", ["uan", "uan_ctx", "mn"])
 def test_a_layer_on_the_dispatcher_takes_the_triton_path_and_trains_alike(name, monkeypatch):
-    from adamatch_uan.norm import kernel, make_norm
+    from adamatch_uan.norm import backends as kernel
+    from adamatch_uan.norm import make_norm
 
     torch.manual_seed(0)
     layer = make_norm(name, 3, max_samples=10**6).double().to(DEVICE)

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from adamatch_uan.norm import UAN, MixtureNorm
-from adamatch_uan.norm.kernel import backend
+from adamatch_uan.norm.backends import backend
 
 
 def backend_lines(model, device) -> list[str]:

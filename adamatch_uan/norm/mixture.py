@@ -11,13 +11,13 @@ the transform is
     y    = γ Σ_k [τ_k / sqrt(λ_k)] (x − α_k) / sqrt(δ_k² + ε) + β.
 
 The responsibilities are passed as the mixture that defines them, not as a (N, K, C, ...)
-tensor: the fused passes in ``kernel.py`` recompute log τ from (λ, μ, σ²) where they need it,
+tensor: the fused passes in ``backends`` recompute log τ from (λ, μ, σ²) where they need it,
 so memory stays that of BatchNorm. α and δ² come from three per-(k, c) sums taken about a
 per-channel shift s (the first value of each channel), Σ τ, Σ τ(x − s), Σ τ(x − s)², which is
 exact in real arithmetic and avoids the cancellation of Σ τ x² for large |x|; the sums are
 what a distributed version all-reduces (with a shift common to all processes).
 
-The layer is one autograd node (``kernel.transform``; in C++ on the compiled kernel): two
+The layer is one autograd node (``backends.transform``; registered operators on the compiled kernel): two
 full-size passes forward (sums, output) and two backward (analytic, the second adding to
 the first's input gradient); the small (K, C) maths between them is differentiated by hand
 too, and done inside the compiled kernel's calls when it serves the input (one call
@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from adamatch_uan.norm import kernel
+from adamatch_uan.norm import backends
 from adamatch_uan.norm.sync import distributed, global_statistics
 
 
@@ -96,7 +96,10 @@ def validate_context(context: Tensor | None, n: int, groups: int, device: torch.
     if context.shape != (n,) or context.dtype.is_floating_point or context.dtype == torch.bool:
         raise ValueError(f"Expected an integer context id per sample of shape ({n},), got "
                          f"{tuple(context.shape)} {context.dtype}")
-    if n and (int(context.min()) < 0 or int(context.max()) >= groups):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # A graph cannot branch on the ids' values: the check becomes an op of the graph.
+        torch._assert_async(((context >= 0) & (context < groups)).all(), f"Expected context ids in [0, {groups})")
+    elif n and (int(context.min()) < 0 or int(context.max()) >= groups):
         raise ValueError(f"Expected context ids in [0, {groups}), got values in "
                          f"[{int(context.min())}, {int(context.max())}]")
     return context.to(device=device, dtype=torch.int64).contiguous()
@@ -137,7 +140,7 @@ def sample_positions(x: Tensor, max_samples: int) -> tuple[Tensor, Tensor]:
 
 def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tensor | None, bias: Tensor | None,
                       eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
-                      running: kernel.Running | None = None, batch_stats: bool = True,
+                      running: backends.Running | None = None, batch_stats: bool = True,
                       delta2_floor: Tensor | None = None, sync: bool = False,
                       group=None) -> tuple[Tensor, BatchStats | None]:
     """Apply the mixture normalizing transform of docs/METHOD.md §2.
@@ -188,23 +191,23 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
                    for t in (*mixture[:3], gamma, beta, *given, delta2_floor)]
         if synced:
             return _synced(x3, x, context, eps, floors, running, batch_stats, tensors, group)
-        out = kernel.transform(x3, context, eps, floors, running, batch_stats, *tensors)
+        out = backends.transform(x3, context, eps, floors, running, batch_stats, *tensors)
     batch = BatchStats(*out[1:]) if len(out) > 1 else None
     return out[0].reshape(x.shape).to(x.dtype), batch
 
 
-def _synced(x3: Tensor, x: Tensor, context: Tensor | None, eps: float, floors, running: kernel.Running | None,
+def _synced(x3: Tensor, x: Tensor, context: Tensor | None, eps: float, floors, running: backends.Running | None,
             batch_stats: bool, tensors: list, group) -> tuple[Tensor, BatchStats | None]:
     """The transform with every process's batch statistics: local sums, all-reduced, then given."""
     weight_param, mu, var_param, gamma, beta, _, _, delta2_floor = tensors
-    sums, shift = kernel.sums(x3, context, floors, weight_param, mu, var_param)
+    sums, shift = backends.sums(x3, context, floors, weight_param, mu, var_param)
     count, alpha, delta2 = global_statistics(sums, shift, len(x3) > 0, group)
     if running is not None:
         with torch.no_grad():
             mean, var, momentum = running
             mean.lerp_(alpha.to(mean.dtype), momentum)
             var.lerp_((delta2 * count / (count - 1).clamp_min(1)).to(var.dtype), momentum)
-    (y,) = kernel.transform(x3, context, eps, floors, None, False, weight_param, mu, var_param, gamma, beta,
+    (y,) = backends.transform(x3, context, eps, floors, None, False, weight_param, mu, var_param, gamma, beta,
                             alpha.contiguous(), delta2.contiguous(), delta2_floor)
     batch = BatchStats(count, alpha.detach(), delta2.detach()) if batch_stats else None
     return y.reshape(x.shape).to(x.dtype), batch

@@ -2,7 +2,7 @@
 
 The transform's batch statistics come from three per-(k, c) sums (docs/METHOD.md §2), so, as
 torch's SyncBatchNorm does with its moments, a synced layer all-reduces them: each process
-computes its sums (``kernel.sums``) about a shift common to all processes, ``AllReduceSum``
+computes its sums (``backends.sums``) about a shift common to all processes, ``AllReduceSum``
 adds them (and, backward, adds every process's gradient of them), and the transform runs with
 the global α, δ² as given statistics. A process with an empty batch joins every collective with
 zeros. The sampled quantities of the layers (the channel's variance for ``var_floor``, UAN's

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from adamatch_uan.norm.torch_ops import parametrise
+from adamatch_uan.norm.backends.torch_ops import parametrise
 from adamatch_uan.norm.mixture import (LearnedMixture, Mixture, mixture_normalize, positions, sample_positions,
                                        spread_mixture, validate_context)
 from adamatch_uan.norm.mixture_fit import add_to_objective, component_shares, mixture_nll, stepwise_update

@@ -183,6 +183,21 @@ def sums(x: Tensor, context: Tensor | None, floors: tuple[float, float] | None, 
     return torch.stack([tau.sum((0, 3)), (tau * xt).sum((0, 3)), (tau * xt * xt).sum((0, 3))]), shift
 
 
+def transform_without_grad(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float, float] | None,
+                           running: Running | None, want_stats: bool, weight_param: Tensor, mu: Tensor,
+                           var_param: Tensor, gamma: Tensor, beta: Tensor, alpha: Tensor | None,
+                           delta2: Tensor | None, delta2_floor: Tensor | None) -> tuple[Tensor, ...]:
+    """``TorchTransform``'s forward as plain tensor ops, without an autograd node: what inference runs
+    and what tracers and exporters record (``backends.transform``'s arguments and results)."""
+    tables_ = Tables(context, mu, weight_param, var_param, gamma, beta, eps, floors, delta2_floor)
+    y, stats = _forward_torch(x, tables_, None if alpha is None else (alpha, delta2))
+    if stats.sums is None:
+        return (y,)
+    if running is not None:
+        track(stats, running)
+    return (y, stats.sums[0], stats.alpha, stats.delta2) if want_stats else (y,)
+
+
 class TorchTransform(Function):
     """The torch-ops backend's node: ``_forward_torch``, then ``_backward_torch``."""
 

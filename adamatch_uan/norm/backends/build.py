@@ -1,9 +1,11 @@
-"""Building the compiled CPU kernel: ``python -m adamatch_uan.norm.build`` builds it (or finds it built) and reports.
+"""Building the compiled CPU kernel: ``python -m adamatch_uan.norm.backends.build`` builds it (or finds it built) and reports.
 
-The kernel (``mixture_kernel.cpp``, ``mixture_node.cpp``, ``mixture_kernel.h``) is built with
+The kernel (``mixture_kernel.cpp``, ``mixture_ops.cpp``, ``mixture_kernel.h``) is built with
 torch's ``cpp_extension`` and ninja into ``$ADAMATCH_UAN_CACHE/mixture-<key>`` (default
-``~/.cache/adamatch_uan``); the key hashes what changes the binary: the sources, the flags,
-the compiler's version, torch's version and the CPU's instruction set (``-march=native``).
+``~/.cache/adamatch_uan``) and loaded as a library of torch operators (``cpu_kernel.py``); the
+key hashes everything that enters ``build.ninja`` and the binary: the sources, the flags, the
+compiler's version, torch's version and include paths (each environment's own) and the CPU's
+instruction set (``-march=native``), so two environments never share, nor fight over, a build.
 Two things would otherwise rebuild it behind the user's back, so they are pinned:
 
 - ninja compares each command line with its log, and those name the source files, so the
@@ -33,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("mixture_kernel.cpp", "mixture_node.cpp")
+SOURCES = ("mixture_kernel.cpp", "mixture_ops.cpp")
 HEADER = "mixture_kernel.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math"]
-FIX = ("Fix: install a C++ compiler (Debian: apt-get install g++) and run `python -m adamatch_uan.norm.build` "
+FIX = ("Fix: install a C++ compiler (Debian: apt-get install g++) and run `python -m adamatch_uan.norm.backends.build` "
        "for the full error; ADAMATCH_UAN_KERNEL=0 chooses the torch-ops backend without this warning, "
        "ADAMATCH_UAN_KERNEL=1 makes a failed build an error.")
 
@@ -67,10 +69,29 @@ def _compiler_version() -> str:
         return f"{compiler}: not found"
 
 
+def _cpp_extension():
+    """torch's ``cpp_extension``, imported without the CUDA_HOME warning a CUDA build of torch logs on a
+    machine without a GPU (nothing here is CUDA)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _torch_paths() -> list[str]:
+    """torch's include and library folders, which build.ninja names: one per environment."""
+    return [*_cpp_extension().include_paths(), *_cpp_extension().library_paths()]
+
+
 def build_key() -> str:
-    """sha256 over the sources, the flags, the compiler's and torch's versions and the CPU's flags (16 hex digits)."""
+    """sha256 over the sources, the flags, the compiler's and torch's versions, torch's include and library
+    paths and the CPU's flags (16 hex digits)."""
     text = b"".join((_source_dir() / name).read_bytes() for name in (*SOURCES, HEADER))
-    extra = "\0".join([*FLAGS, _compiler_version(), torch.__version__, _cpu_signature()])
+    extra = "\0".join([*FLAGS, _compiler_version(), torch.__version__, *_torch_paths(), _cpu_signature()])
     return hashlib.sha256(text + extra.encode()).hexdigest()[:16]
 
 
@@ -97,21 +118,14 @@ def _pinned_ninja():
         os.environ["PATH"] = old
 
 
-def build(verbose: bool = False):
-    """Build (or load, when built) the kernel's module.
+def build(verbose: bool = False) -> str:
+    """Build (or find built) the kernel's library and load it into this process (its operators join
+    ``torch.ops.adamatch_uan``); return the library's path.
 
     Raises:
         KernelBuildError: a missing compiler or header, or a compile error.
     """
-    # On a CUDA build without a GPU, importing cpp_extension logs a CUDA_HOME warning that
-    # does not concern this CPU-only extension.
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
+    cpp_extension = _cpp_extension()
     key = build_key()
     folder = build_directory(key)
     sources = folder / "src"
@@ -124,13 +138,13 @@ def build(verbose: bool = False):
         with _pinned_ninja():
             return cpp_extension.load(f"adamatch_uan_mixture_{key}", [str(sources / n) for n in SOURCES],
                                       extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
-                                      verbose=verbose)
+                                      verbose=verbose, is_python_module=False)
     except Exception as error:  # a missing compiler, ninja or header, a compile error: say so
         raise KernelBuildError(f"Building the mixture kernel in {folder} failed: {str(error)[-2000:]}") from error
 
 
-def load():
-    """The kernel's module, or None when ``ADAMATCH_UAN_KERNEL=0`` or (with a loud warning) a build fails.
+def load() -> str | None:
+    """The kernel's library path (loaded), or None when ``ADAMATCH_UAN_KERNEL=0`` or (with a loud warning) a build fails.
 
     Raises:
         KernelBuildError: a failed build when ``ADAMATCH_UAN_KERNEL=1``.
@@ -154,11 +168,11 @@ def main() -> None:
     started = time.time()
     folder = build_directory()
     try:
-        module = build(verbose="-v" in sys.argv)
+        library = build(verbose="-v" in sys.argv)
     except KernelBuildError as error:
         print(f"error: {error}\n{FIX}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"mixture kernel ready: {module.__file__} ({time.time() - started:.1f} s; build folder {folder})")
+    print(f"mixture kernel ready: {library} ({time.time() - started:.1f} s; build folder {folder})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Triton backend of the mixture transform: the four passes over x as Triton kernels (CUDA).
 
-The passes are those of the compiled CPU kernel and the torch-ops backend (``kernel.py``), for
+The passes are those of the compiled CPU kernel and the torch-ops backend (``backends``), for
 x of shape (N, C, P) in float32, K ≤ 8 components and G context tables:
 
 - sums:            S (3, K, C) = Σ_pos τ_k {1, x − s, (x − s)²} about the shift s (C,);
@@ -32,10 +32,9 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from adamatch_uan.norm.torch_ops import (Running, Stats, Tables, finish_forward, mixture_grads, moments, node_grads,
+from adamatch_uan.norm.backends.torch_ops import (Running, Stats, Tables, finish_forward, mixture_grads, moments, node_grads,
                                          parameter_grads, scales, statistic_grads, sum_grads, tables)
 
-MAX_COMPONENTS = 8
 BLOCK = 1024
 
 
@@ -299,4 +298,4 @@ def sums(x: Tensor, context: Tensor | None, floors, weight_param: Tensor, mu: Te
     return TritonSums.apply(x, context, floors, weight_param, mu, var_param)
 
 
-__all__ = ["MAX_COMPONENTS", "Running", "sums", "transform"]
+__all__ = ["Running", "sums", "transform"]

@@ -1,7 +1,8 @@
-"""The mixture transform's dispatcher: which backend's autograd node a call runs.
+"""The mixture transform's backends, and the dispatcher that says which one runs a call.
 
-One file per backend: the compiled CPU kernel (``mixture_kernel.cpp`` and its C++ node
-``mixture_node.cpp``, built by ``build.py``), Triton kernels for CUDA tensors (``triton_ops.py``)
+One module per backend: the compiled CPU kernel (``mixture_kernel.cpp`` and the operators of
+``mixture_ops.cpp``, built by ``build.py`` and registered with autograd and fake
+implementations by ``cpu_kernel.py``), Triton kernels for CUDA tensors (``triton_ops.py``)
 and torch ops for everything else (``torch_ops.py``, which also holds the (K, C) maths the
 Triton node shares). :func:`backend` says which a layer gets.
 
@@ -24,47 +25,49 @@ With ``h = 1 / (2 σ²)`` and ``lc = log λ - ½ log(2π σ²)``, the responsibi
 
 Between the sums and the output (and between the two backward passes) a distributed
 version would all-reduce S (and the reductions); the kernel keeps those passes apart inside
-its calls. The compiled kernel (``mixture_kernel.cpp``) recomputes tau in registers in each
-pass, so a pass reads x once, except that inputs whose tau fits in ``TAU_CACHE_BYTES`` keep
-the forward's first tau for the other three passes; it does the (K, C)-sized maths between
-passes itself. Its node (``mixture_node.cpp``) is a C++ autograd Function, so a layer costs
-one call from Python forward and one backward. The passes work on blocks of one vector
-register: positions of a (sample, channel) row when P > 1, channels of a sample for
-(N, C, 1) inputs. Both files are built on first use (``build.py``, or ahead of time with
-``python -m adamatch_uan.norm.build``). The node serves contiguous CPU float32/float64
-inputs with K <= 8. Everything else, and every input when the environment sets
-``ADAMATCH_UAN_KERNEL=0`` or the build fails (with a loud warning), runs on the torch-ops
-backend, which materialises (N, K, C, P) tensors. CUDA inputs with K <= 8 run on the Triton
-kernels when Triton imports (``ADAMATCH_UAN_TRITON=0`` turns them off), else on torch ops.
+its calls. The compiled kernel recomputes tau in registers in each pass, so a pass reads x
+once, except that inputs whose tau fits in ``TAU_CACHE_BYTES`` keep the forward's first tau
+for the other three passes; it does the (K, C)-sized maths between passes itself. The passes
+work on blocks of one vector register: positions of a (sample, channel) row when P > 1,
+channels of a sample for (N, C, 1) inputs. It is built on first use (or ahead of time with
+``python -m adamatch_uan.norm.backends.build``) and serves contiguous CPU float32/float64
+inputs with K ≤ ``MAX_COMPONENTS``. Everything else, and every input when the environment
+sets ``ADAMATCH_UAN_KERNEL=0`` or the build fails (with a loud warning), runs on the
+torch-ops backend, which materialises (N, K, C, P) tensors. CUDA inputs with K ≤
+``MAX_COMPONENTS`` run on the Triton kernels when Triton imports (``ADAMATCH_UAN_TRITON=0``
+turns them off), else on torch ops. :func:`torch_ops_only` makes every call in its block
+run on torch ops (the form ``export.py`` writes, which needs torch alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from adamatch_uan.norm import build, torch_ops
-from adamatch_uan.norm.torch_ops import Running
+from adamatch_uan.norm.backends import cpu_kernel, torch_ops
+from adamatch_uan.norm.backends.torch_ops import Running
+
+# The most components the compiled and Triton kernels serve (the compiled kernel's kMaxK, which
+# it checks; its passes keep one register per component).
+MAX_COMPONENTS = 8
 
 # Up to this size the forward keeps the responsibilities (K x the input) for the later
 # passes, which then skip their exponentials; beyond it they recompute them, as reading a
 # cache that falls out of the CPU caches would cost more than the exponentials.
 TAU_CACHE_BYTES = 4 << 20
 
-
-@functools.cache
-def _extension():
-    """The compiled node (``mixture_node.cpp`` with the kernel), built once per process by
-    ``build.load`` (or None: ``ADAMATCH_UAN_KERNEL=0``, or a failed build, with a loud warning)."""
-    return build.load()
+_forced = threading.local()
 
 
 def kernel_available() -> bool:
     """Whether the compiled CPU kernel can be used in this process."""
-    return _extension() is not None
+    return cpu_kernel.ops() is not None
 
 
 @functools.cache
@@ -73,43 +76,56 @@ def _triton():
     if os.environ.get("ADAMATCH_UAN_TRITON", "1") == "0":
         return None
     try:
-        from adamatch_uan.norm import triton_ops
+        from adamatch_uan.norm.backends import triton_ops
     except ImportError:
         return None
     return triton_ops
 
 
+@contextlib.contextmanager
+def torch_ops_only() -> Iterator[None]:
+    """Every mixture transform in this block (this thread) runs on the torch-ops backend."""
+    previous = getattr(_forced, "torch", False)
+    _forced.torch = True
+    try:
+        yield
+    finally:
+        _forced.torch = previous
+
+
 def backend(device: torch.device | str, num_components: int) -> str:
     """Which backend a mixture layer with K components on ``device`` runs (float32/64 inputs): a short phrase."""
+    if getattr(_forced, "torch", False):
+        return "torch ops (torch_ops_only)"
     if torch.device(device).type == "cuda":
-        if num_components > 8:
-            return "torch ops (K > 8)"
+        if num_components > MAX_COMPONENTS:
+            return f"torch ops (K > {MAX_COMPONENTS})"
         return "the Triton kernels" if _triton() is not None else "torch ops (Triton is off or not installed)"
     if torch.device(device).type != "cpu":
         return "torch ops (no compiled kernel for this device)"
-    if num_components > 8:
-        return "torch ops (K > 8)"
-    if _extension() is None:
+    if num_components > MAX_COMPONENTS:
+        return f"torch ops (K > {MAX_COMPONENTS})"
+    if not kernel_available():
         return "torch ops (the compiled kernel is off or failed to build: see the warning)"
     return "the compiled CPU kernel"
 
 
 def _uses_triton(x: Tensor, mu: Tensor) -> bool:
-    return x.is_cuda and mu.shape[0] <= 8 and x.is_contiguous() and _triton() is not None
+    return (x.is_cuda and mu.shape[0] <= MAX_COMPONENTS and x.is_contiguous() and _triton() is not None
+            and not getattr(_forced, "torch", False))
 
 
 def _uses_kernel(x: Tensor, mu: Tensor) -> bool:
-    # K <= kMaxK of mixture_kernel.h.
-    return (x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() and mu.shape[0] <= 8
-            and _extension() is not None)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+            and mu.shape[0] <= MAX_COMPONENTS and not getattr(_forced, "torch", False) and kernel_available())
 
 
 def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float, float] | None,
               running: Running | None, want_stats: bool, weight_param: Tensor, mu: Tensor, var_param: Tensor,
               gamma: Tensor, beta: Tensor, alpha: Tensor | None, delta2: Tensor | None,
               delta2_floor: Tensor | None = None) -> tuple[Tensor, ...]:
-    """The transform of ``x`` (N, C, P) as one autograd node, on the compiled kernel's node
-    (``mixture_node.cpp``) or the Triton kernels when they serve the input, else on torch ops.
+    """The transform of ``x`` (N, C, P) as one autograd node, on the compiled kernel's operators or the
+    Triton kernels when they serve the input, else on torch ops.
 
     The tables are those of :class:`Tables`, each contiguous in the dtype of x. α, δ² (K, C)
     given, or None for batch statistics; ``delta2_floor`` (C,), a constant, or None: the
@@ -120,15 +136,16 @@ def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float
     (y, S0, α, δ²), the last three (K, C) and not differentiable.
     """
     if _uses_kernel(x, mu):
-        w, v = floors or (0.0, 0.0)
-        mean, var, momentum = running or (None, None, 0.0)
-        return _extension().transform(x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2,
-                                      delta2_floor, mean, var, eps, w, v, momentum, floors is not None, want_stats,
-                                      TAU_CACHE_BYTES)
+        return cpu_kernel.transform(x, context, eps, floors, running, want_stats, weight_param, mu, var_param, gamma,
+                                    beta, alpha, delta2, delta2_floor, TAU_CACHE_BYTES)
     args = (x, context, eps, floors, running, want_stats, weight_param, mu, var_param, gamma, beta, alpha, delta2,
             delta2_floor)
     if _uses_triton(x, mu):
         return _triton().transform(*args)
+    tensors = (x, weight_param, mu, var_param, gamma, beta, alpha, delta2)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # Plain tensor ops, without the autograd node: what tracers and exporters record as it is.
+        return torch_ops.transform_without_grad(*args)
     return torch_ops.TorchTransform.apply(*args)
 
 
@@ -138,13 +155,10 @@ def sums(x: Tensor, context: Tensor | None, floors: tuple[float, float] | None, 
     each channel's first value s (C,; 0 for an empty batch), the tables as in ``transform``.
 
     A distributed run all-reduces S between this call and ``transform`` with the statistics it
-    gives; the backward of S is the stats pass's (the compiled node's or Triton's; autograd's on torch ops).
+    gives; the backward of S is the stats pass's (the compiled operators' or Triton's; autograd's on torch ops).
     """
     if _uses_kernel(x, mu):
-        w, v = floors or (0.0, 0.0)
-        return tuple(_extension().sums(x, context, weight_param, mu, var_param, w, v, floors is not None))
+        return cpu_kernel.sums(x, context, floors, weight_param, mu, var_param)
     if _uses_triton(x, mu):
         return _triton().sums(x, context, floors, weight_param, mu, var_param)
     return torch_ops.sums(x, context, floors, weight_param, mu, var_param)
-
-

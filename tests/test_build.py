@@ -1,4 +1,5 @@
-"""Building and loading the compiled mixture kernel (its numerics are tested in test_mixture.py)."""
+"""Building and loading the compiled mixture kernel (its numerics are tested in test_mixture.py, its operators in
+test_cpu_kernel.py)."""
 
 import os
 import shutil
@@ -6,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from adamatch_uan.norm import build, kernel, make_norm
+from adamatch_uan.norm import backends
+from adamatch_uan.norm.backends import build
 
 from conftest import ROOT
 
@@ -57,7 +58,7 @@ def test_the_cache_key_follows_what_changes_the_binary_not_where_the_sources_are
     assert build.build_key() != key
 
 
-@pytest.mark.skipif(not kernel.kernel_available(), reason="no C++ compiler: the compiled kernel is unavailable")
+@pytest.mark.skipif(not backends.kernel_available(), reason="no C++ compiler: the compiled kernel is unavailable")
 def test_a_copy_of_the_package_elsewhere_reuses_the_build(tmp_path, monkeypatch):
     folder = build.build_directory()
     library = next(folder.glob("*.so"))
@@ -72,26 +73,8 @@ def test_a_copy_of_the_package_elsewhere_reuses_the_build(tmp_path, monkeypatch)
     assert str(folder / "src") in (folder / "build.ninja").read_text()
 
 
-@pytest.mark.skipif(not kernel.kernel_available(), reason="no C++ compiler: the compiled kernel is unavailable")
+@pytest.mark.skipif(not backends.kernel_available(), reason="no C++ compiler: the compiled kernel is unavailable")
 def test_the_build_command_reports_where_and_how_long():
-    done = subprocess.run([sys.executable, "-m", "adamatch_uan.norm.build"], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.norm.backends.build"], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0 and "mixture kernel ready" in done.stdout and str(build.build_directory()) in done.stdout
-
-
-def test_backends_are_named_per_device_and_k(monkeypatch):
-    assert kernel.backend("cpu", 9) == "torch ops (K > 8)" and kernel.backend("cuda", 9) == "torch ops (K > 8)"
-    monkeypatch.setattr(kernel, "_triton", lambda: object())
-    assert kernel.backend("cuda", 3) == "the Triton kernels"
-    monkeypatch.setattr(kernel, "_triton", lambda: None)
-    assert kernel.backend("cuda", 3).startswith("torch ops")
-    monkeypatch.setattr(kernel, "_extension", lambda: None)
-    assert "failed to build" in kernel.backend("cpu", 3)
-
-
-def test_layers_run_on_torch_ops_without_the_kernel(monkeypatch):
-    monkeypatch.setattr(kernel, "_extension", lambda: None)
-    layer = make_norm("uan", 4)
-    x = torch.randn(16, 4, 3, 3, requires_grad=True)
-    layer(x).sum().backward()
-    assert torch.isfinite(x.grad).all()
