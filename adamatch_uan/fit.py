@@ -32,15 +32,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from adamatch_uan.callbacks.backend_report import BackendReport
+from adamatch_uan.classifier import Classifier, Predictions
 from adamatch_uan.callbacks.mixture_sync import MixtureSync
 from adamatch_uan.cli_errors import UserError, condense, our_message, report
+from adamatch_uan.console import METRICS, results_table
 from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 from adamatch_uan.methods import DomainAdaptationMethod
 from adamatch_uan.models.slots import describe
 from adamatch_uan.norm import list_norms
-
-METRICS = ("acc", "precision", "recall", "f1")
-
 
 def norm_name(value: str) -> str:
     """A registered norm name, checked when the command line is parsed."""
@@ -58,6 +57,13 @@ class FitCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Directory of this run (default: runs/<time>-<source>-<target>-<norm>).")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
+        parser.add_argument("--predictions", type=bool, default=True,
+                            help="Write the selected model's predictions for the target's training images to "
+                                 "RUN_DIR/predictions.csv at the end (adaptation runs).")
+        # The data say what the model is built for: one class index, one image size, the sets it evaluates.
+        for source, target in (("num_classes", "num_classes"), ("class_names", "class_names"),
+                               ("input_size", "image_size"), ("eval_names", "eval_names")):
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
         parser.set_defaults({"model": {"class_path": "adamatch_uan.methods.AdaMatch"},
                              "data": {"class_path": "adamatch_uan.data.DomainPairDataModule"},
                              "trainer.max_steps": 10_000, "trainer.val_check_interval": 500,
@@ -119,13 +125,6 @@ class FitCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def results_table(results: dict) -> str:
-    lines = [f"{'set':<10}" + "".join(f"{m:>11}" for m in METRICS)]
-    for name, metrics in results["test"].items():
-        lines.append(f"{name:<10}" + "".join(f"{metrics[m]:>11.4f}" for m in METRICS))
-    return "\n".join(lines)
-
-
 def main(args: list[str] | None = None) -> dict:
     """Train, test the best checkpoint, write ``results.json`` in the run directory; return the results.
 
@@ -151,15 +150,29 @@ def main(args: list[str] | None = None) -> dict:
     merged = {k: v for d in tested for k, v in d.items()}
     # A spawned run (ddp_spawn) trains in child processes and hands back only the weights: the step count stays there.
     spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"
+    # Images tested per set: all of it, unless --trainer.limit_test_batches cut it short.
+    images = [min(len(loader.dataset), int(batches) * loader.batch_size * trainer.world_size)
+              for loader, batches in zip(trainer.test_dataloaders, trainer.num_test_batches)]
     results = {"run_dir": cli.config.run_dir, "checkpoint": best, "steps": None if spawned else trainer.global_step,
-               "test": {name: {m: merged[f"test/{name}/{m}"] for m in METRICS if f"test/{name}/{m}" in merged}
-                        for name in model.eval_names}}
+               "test": {name: {"images": count, **{m: merged[f"test/{name}/{m}"] for m in METRICS
+                                                  if f"test/{name}/{m}" in merged}}
+                        for name, count in zip(model.eval_names, images)}}
     if trainer.is_global_zero:  # under DDP every process gets here (ddp_spawn: the launching one)
         run = Path(cli.config.run_dir)
+        target = getattr(data, "target_train", None)  # adaptation runs: the images the run adapted to
+        if target is not None and cli.config.predictions:
+            probabilities = Classifier(model).probabilities(target.images, data.hparams.eval_batch_size)
+            results["predictions"] = str(Predictions(target.ids, probabilities, model.class_names)
+                                         .write_csv(run / "predictions.csv", replace=True))
+            model.train()  # as the trainer left it
         partial = run / "results.json.partial"
         partial.write_text(json.dumps(results, indent=2))
         os.replace(partial, run / "results.json")  # a run dir has results.json only once finished
         print(results_table(results))
+        if "target" not in results["test"] and target is not None:
+            print(f"The target ({data.hparams.target}) is unlabelled: only the source is scored."
+                  + (f" Predictions for its {len(target)} training images: {results['predictions']}"
+                     if "predictions" in results else ""))
     return results
 
 

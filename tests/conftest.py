@@ -105,3 +105,30 @@ def smoke_args(data: Path, run: Path, steps: int) -> list[str]:
     return ["--config", str(ROOT / "configs" / "smoke.yaml"), "--data.source", f"npz:{data / 's.npz'}",
             "--data.target", f"npz:{data / 't.npz'}", "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false", "--run_dir", str(run)]
+
+
+def write_images(folder: Path, count: int, size: int = 16, classes: tuple[str, ...] | None = None,
+                 seed: int = 0) -> list[Path]:
+    """PNG files of random grey images: ``folder/class/i.png`` per class, or ``folder/i.png`` (flat, unlabelled)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in classes or [None]:
+        where = folder / name if name else folder
+        where.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            paths.append(where / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def quick_fit(run: Path, source: str, target: str, *extra: str, steps: int = 3) -> dict:
+    """A few AdaMatch steps in this process (``fit.main``), ending with a validation and a checkpoint."""
+    from adamatch_uan.fit import main
+
+    return main(["--data.source", source, "--data.target", target, "--data.batch_size", "8", "--data.uratio", "1",
+                 "--data.eval_batch_size", "64", "--data.download", "false", "--trainer.max_steps", str(steps),
+                 "--trainer.val_check_interval", str(steps), "--trainer.enable_progress_bar", "false",
+                 "--trainer.enable_model_summary", "false", "--model.init_args.ema_decay", "0.5",
+                 "--run_dir", str(run), *extra])

@@ -26,7 +26,7 @@ def test_batches_have_the_documented_shape_and_no_target_labels(pair):
     images, labels = batch["source"]
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (4,)
     assert isinstance(batch["target"], torch.Tensor) and batch["target"].shape == (12, 3, 32, 32)
-    assert not hasattr(dm, "target_labels") and len(dm.source_val[0]) == 8
+    assert not hasattr(dm, "target_labels") and len(dm.source_val) == 8
 
 
 def test_samplers_are_infinite_and_never_truncate_a_domain(pair):
@@ -81,7 +81,7 @@ def test_target_training_labels_never_reach_training(tmp_path, pair):
 def test_a_stream_started_at_step_t_continues_the_uninterrupted_stream(pair):
     dm = DomainPairDataModule(*pair)
     dm.setup()
-    source, target = dm.source_train, dm.target_train
+    source, target = (dm.source_train.images, dm.source_train.labels), dm.target_train.images
     whole = iter(PairedBatches(source, target, 4, 2, seed=3))
     batches = [next(whole) for _ in range(7)]
     resumed = iter(PairedBatches(source, target, 4, 2, seed=3, start=lambda: 5))
@@ -127,9 +127,35 @@ def test_n_steps_then_resume_then_n_steps_gives_the_weights_of_2n_steps(data, tm
 def test_each_process_draws_its_own_stream_and_rank_zero_the_one_process_stream(pair):
     dm = DomainPairDataModule(*pair)
     dm.setup()
-    source, target = dm.source_train, dm.target_train
+    source, target = (dm.source_train.images, dm.source_train.labels), dm.target_train.images
     alone, first, second = (iter(PairedBatches(source, target, 4, 2, seed=3, rank=r)) for r in (0, 0, 1))
     for _ in range(3):
         a, b, c = next(alone), next(first), next(second)
         assert torch.equal(a["source"][0], b["source"][0])
         assert not torch.equal(b["source"][1], c["source"][1]) or not torch.equal(b["target"], c["target"])
+
+
+def test_an_unlabelled_target_trains_and_only_the_source_is_evaluated(tmp_path, pair):
+    np.savez(tmp_path / "u.npz", x=np.random.randint(0, 256, (9, 16, 16), dtype=np.uint8))
+    dm = DomainPairDataModule(pair[0], f"npz:{tmp_path / 'u.npz'}", batch_size=4)
+    assert dm.eval_names == ["source"] and dm.num_classes == 10 and dm.input_size == 32  # reads the data
+    assert dm.target_test is None and len(dm.target_train) == 9 and dm.target_train.ids[0] == "u.npz:x[0]"
+    assert len(dm.val_dataloader()) == 1 and len(dm.test_dataloader()) == 1
+    assert next(iter(dm.train_dataloader()))["target"].shape == (12, 3, 32, 32)
+
+
+def test_the_image_size_is_the_sources_own_from_32_up_or_the_one_given(tmp_path):
+    from PIL import Image
+
+    for domain in ("a", "b"):
+        for label in ("x", "y"):
+            for i in range(4):
+                path = tmp_path / domain / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.random.randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    spec_a, spec_b = f"folder:{tmp_path / 'a'}", f"folder:{tmp_path / 'b'}"
+    for size, expected in ((None, 64), (64, 64), (48, 48)):
+        dm = DomainPairDataModule(spec_a, spec_b, image_size=size, test_fraction=0.25, val_fraction=0.2)
+        assert dm.input_size == expected and dm.hparams.image_size == expected
+        assert dm.target_train.images.shape[-2:] == (expected, expected) == dm.source_test.images.shape[-2:]
+        assert dm.classes == ["x", "y"] and dm.eval_names == ["source", "target"]

@@ -12,6 +12,11 @@ from PIL import Image
 from adamatch_uan.data import DomainError, load_domain, to_rgb32
 from adamatch_uan.data import domains
 
+
+def parts(domain):
+    """A Domain's (images, labels)."""
+    return domain.images, domain.labels
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -67,7 +72,7 @@ def check(images, labels, n):
 def test_mnist_idx_files(tmp_path):
     labels = make_mnist(tmp_path)
     for train in (True, False):
-        images, y = load_domain("mnist", tmp_path, train, download=False)
+        images, y = parts(load_domain("mnist", tmp_path, train, download=False))
         check(images, y, 12)
         assert y.tolist() == labels.tolist()
         assert images[:, :, :2].eq(0).all() and images[:, :, -2:].eq(0).all()  # zero-padded 28 → 32
@@ -76,14 +81,14 @@ def test_mnist_idx_files(tmp_path):
 
 def test_usps_bz2_files(tmp_path, monkeypatch):
     make_usps(tmp_path, monkeypatch)
-    images, labels = load_domain("usps", tmp_path, True, download=False)
+    images, labels = parts(load_domain("usps", tmp_path, True, download=False))
     check(images, labels, 6)
     assert labels.tolist() == [i % 10 for i in range(6)]
 
 
 def test_svhn_mat_files_map_label_10_to_0(tmp_path, monkeypatch):
     make_svhn(tmp_path, monkeypatch)
-    images, labels = load_domain("svhn", tmp_path, False, download=False)
+    images, labels = parts(load_domain("svhn", tmp_path, False, download=False))
     check(images, labels, 5)
     assert labels.tolist() == [0, 1, 2, 3, 0]
 
@@ -92,12 +97,12 @@ def test_npz_with_split_fraction_and_with_explicit_splits(tmp_path):
     x = np.random.randint(0, 256, (10, 16, 16), dtype=np.uint8)
     np.savez(tmp_path / "one.npz", x=x, y=np.arange(10) % 10)
     train, test = (load_domain(f"npz:{tmp_path / 'one.npz'}", tmp_path, t, test_fraction=0.2) for t in (True, False))
-    check(*train, 8)
-    check(*test, 2)
+    check(*parts(train), 8)
+    check(*parts(test), 2)
     np.savez(tmp_path / "two.npz", x_train=np.zeros((3, 32, 32, 3), np.uint8), y_train=np.array([1, 2, 3]),
              x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.array([4, 5]))
-    check(*load_domain(f"npz:{tmp_path / 'two.npz'}", tmp_path, True), 3)
-    check(*load_domain(f"npz:{tmp_path / 'two.npz'}", tmp_path, False), 2)
+    check(*parts(load_domain(f"npz:{tmp_path / 'two.npz'}", tmp_path, True)), 3)
+    check(*parts(load_domain(f"npz:{tmp_path / 'two.npz'}", tmp_path, False)), 2)
 
 
 def test_image_folder(tmp_path):
@@ -105,7 +110,7 @@ def test_image_folder(tmp_path):
         for label in ("a", "b"):
             (tmp_path / split / label).mkdir(parents=True)
             Image.fromarray(np.random.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / label / "0.png")
-    images, labels = load_domain(f"folder:{tmp_path}", tmp_path, True)
+    images, labels = parts(load_domain(f"folder:{tmp_path}", tmp_path, True))
     check(images, labels, 2)
     assert labels.tolist() == [0, 1]
 
@@ -138,7 +143,7 @@ def make_cifar(root: Path, monkeypatch, name: str, n: int = 6) -> np.ndarray:
 def test_cifar_python_batches_keep_their_size(tmp_path, monkeypatch, name):
     labels = make_cifar(tmp_path, monkeypatch, name)
     for train, count in ((True, 6 * (5 if name == "cifar10" else 1)), (False, 6)):
-        images, got = load_domain(name, tmp_path, train, download=False, num_classes=100, size=None)
+        images, got = parts(load_domain(name, tmp_path, train, download=False, size=None))
         assert images.shape == (count, 3, 32, 32) and images.dtype == torch.uint8 and got.dtype == torch.int64
         assert got[:6].tolist() == labels.tolist()
 
@@ -149,9 +154,9 @@ def test_fashion_mnist_idx_files(tmp_path):
     for prefix in ("train", "t10k"):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", np.random.randint(0, 256, (7, 28, 28)))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(7) % 10)
-    images, labels = load_domain("fashion_mnist", tmp_path, True, download=False, size=None)
+    images, labels = parts(load_domain("fashion_mnist", tmp_path, True, download=False, size=None))
     assert images.shape == (7, 3, 28, 28) and labels.tolist() == list(range(7))
-    assert load_domain("fashion_mnist", tmp_path, False, download=False)[0].shape == (7, 3, 32, 32)  # padded as digits
+    assert load_domain("fashion_mnist", tmp_path, False, download=False).images.shape == (7, 3, 32, 32)  # padded
 
 
 def test_preprocessing_sizes():
@@ -178,7 +183,9 @@ def test_wrong_checksum_says_so(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arrays, match", [
     ({"x": np.zeros((3, 8, 8), np.float32), "y": np.zeros(3, int)}, "uint8"),
     ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.zeros(4, int)}, r"labels \(N,\)"),
-    ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.array([0, 1, 10])}, r"labels in \[0, 10\)"),
+    ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.array([0, 1, 2]), "classes": np.array(["a", "b"])},
+     r"labels in \[0, 2\)"),
+    ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.array([0.0, 1.0, 1.0])}, "integer labels"),
     ({"images": np.zeros((3, 8, 8), np.uint8)}, "Expected .* to hold"),
 ])
 def test_malformed_npz_is_a_clear_error(tmp_path, arrays, match):
@@ -189,14 +196,80 @@ def test_malformed_npz_is_a_clear_error(tmp_path, arrays, match):
 
 def test_unknown_domain_lists_choices(tmp_path):
     with pytest.raises(DomainError, match="mnist, svhn, usps, cifar10, cifar100, fashion_mnist, tinyimagenet, "
-                                          "npz:PATH or folder:PATH"):
+                                          "npz:PATH, folder:PATH or images:PATH"):
         load_domain("mnist-m", tmp_path, True)
 
 
 @pytest.mark.skipif(not (SHARED / "MNIST").is_dir(), reason="../shared/data is not present")
 def test_real_mnist_and_usps_npz():
-    images, labels = load_domain("mnist", SHARED, False, download=False)
+    images, labels = parts(load_domain("mnist", SHARED, False, download=False))
     check(images, labels, 10_000)
-    images, labels = load_domain(f"npz:{SHARED / 'USPS' / 'usps_esl_16x16.npz'}", SHARED, True)
+    images, labels = parts(load_domain(f"npz:{SHARED / 'USPS' / 'usps_esl_16x16.npz'}", SHARED, True))
     check(images, labels, 7_291)
     assert torch.bincount(labels).tolist() == [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
+
+
+def test_npz_without_labels_is_unlabelled_and_all_training(tmp_path):
+    np.savez(tmp_path / "x.npz", x=np.random.randint(0, 256, (7, 16, 16), dtype=np.uint8))
+    train = load_domain(f"npz:{tmp_path / 'x.npz'}", tmp_path, True)
+    assert train.labels is None and len(train) == 7 and train.images.shape == (7, 3, 32, 32)
+    assert train.ids == [f"x.npz:x[{i}]" for i in range(7)]
+    assert load_domain(f"npz:{tmp_path / 'x.npz'}", tmp_path, False) is None  # no test split
+    np.savez(tmp_path / "xt.npz", x_train=np.zeros((4, 32, 32, 3), np.uint8))
+    assert load_domain(f"npz:{tmp_path / 'xt.npz'}", tmp_path, True).labels is None
+    assert load_domain(f"npz:{tmp_path / 'xt.npz'}", tmp_path, False) is None
+
+
+def test_a_class_sorted_npz_is_split_stratified_and_seeded(tmp_path):
+    labels = np.repeat(np.arange(4), 25)  # sorted by class: a tail split would test class 3 only
+    np.savez(tmp_path / "sorted.npz", x=np.random.randint(0, 256, (100, 8, 8), dtype=np.uint8), y=labels)
+    spec = f"npz:{tmp_path / 'sorted.npz'}"
+    test = load_domain(spec, tmp_path, False, test_fraction=0.2, split_seed=0)
+    train = load_domain(spec, tmp_path, True, test_fraction=0.2, split_seed=0)
+    assert torch.bincount(test.labels).tolist() == [5, 5, 5, 5] and len(train) == 80
+    assert not set(test.ids) & set(train.ids)
+    assert load_domain(spec, tmp_path, False, test_fraction=0.2, split_seed=0).ids == test.ids  # seeded
+    assert load_domain(spec, tmp_path, False, test_fraction=0.2, split_seed=1).ids != test.ids
+
+
+def test_a_flat_folder_at_any_depth_is_unlabelled(tmp_path):
+    for i, where in enumerate(["a.png", "2024/b.png", "2024/05/c.jpg"]):
+        (tmp_path / "photos" / where).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(tmp_path / "photos" / where)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    for spec in (f"folder:{tmp_path / 'photos'}", f"images:{tmp_path / 'photos'}"):
+        domain = load_domain(spec, tmp_path, True, size=None)
+        assert domain.labels is None and domain.images.shape == (3, 3, 12, 12)
+        assert sorted(Path(i).name for i in domain.ids) == ["a.png", "b.png", "c.jpg"]
+        assert load_domain(spec, tmp_path, False) is None
+    globbed = load_domain(f"images:{tmp_path / 'photos' / '**' / '*.png'}", tmp_path, True, size=None)
+    assert sorted(Path(i).name for i in globbed.ids) == ["a.png", "b.png"]
+
+
+def test_an_empty_folder_and_an_unreadable_image_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DomainError, match="found none"):
+        load_domain(f"images:{tmp_path / 'empty'}", tmp_path, True)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DomainError, match="broken.png"):
+        load_domain(f"images:{tmp_path / 'bad'}", tmp_path, True)
+
+
+def test_a_truncated_npz_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / "full.npz", x=np.zeros((50, 8, 8), np.uint8), y=np.zeros(50, int))
+    data = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DomainError, match="cut.npz.*truncated"):
+        load_domain(f"npz:{tmp_path / 'cut.npz'}", tmp_path, True)
+
+
+def test_an_image_size_is_kept_and_too_many_images_are_refused_with_the_numbers(tmp_path, monkeypatch):
+    np.savez(tmp_path / "big.npz", x=np.random.randint(0, 256, (6, 64, 64, 3), dtype=np.uint8))
+    assert load_domain(f"npz:{tmp_path / 'big.npz'}", tmp_path, True, size=64).images.shape == (6, 3, 64, 64)
+    assert load_domain(f"npz:{tmp_path / 'big.npz'}", tmp_path, True, size=None).images.shape == (6, 3, 64, 64)
+    from adamatch_uan.data import preprocess
+
+    monkeypatch.setattr(preprocess, "available_memory", lambda: 100_000)
+    with pytest.raises(DomainError, match=r"6 images of 64×64 need .*iB.*--data.image_size.*up to about 52"):
+        load_domain(f"npz:{tmp_path / 'big.npz'}", tmp_path, True, size=64)

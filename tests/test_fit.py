@@ -19,7 +19,7 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 6 and set(results["test"]) == {"source", "target"}
-    assert set(results["test"]["target"]) == {"acc", "precision", "recall", "f1"}
+    assert set(results["test"]["target"]) == {"images", "acc", "precision", "recall", "f1"}
     assert (run / "checkpoints" / "last.ckpt").exists() and list((run / "checkpoints").glob("best-*.ckpt"))
     assert (run / "metrics.csv").exists() and list(run.glob("events.out.tfevents.*"))
     assert "norm: mn" in (run / "config.yaml").read_text()  # the --norm shortcut reached the model
@@ -38,7 +38,7 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
 def test_classify_smoke_config_runs_plain_classification_end_to_end(data, tmp_path):
     run = tmp_path / "run"
     done = fit("--config", str(ROOT / "configs" / "classify_smoke.yaml"), "--data.domain", f"npz:{data / 's.npz'}",
-               "--data.resize", "32", "--data.batch_size", "16", "--trainer.max_epochs", "2",
+               "--data.image_size", "32", "--data.batch_size", "16", "--trainer.max_epochs", "2",
                "--trainer.enable_progress_bar", "false", "--run_dir", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
@@ -168,3 +168,44 @@ def test_two_processes_train_one_run(data, tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["steps"] == 6
+
+
+def test_an_unlabelled_flat_folder_target_trains_resumes_and_gets_its_predictions(data, tmp_path):
+    from conftest import write_images
+
+    images = write_images(tmp_path / "photos", 12, size=16) + write_images(tmp_path / "photos" / "2024", 3, size=16,
+                                                                            seed=1)
+    run = tmp_path / "run"
+    args = [*smoke_args(data, run, 4), "--data.target", f"folder:{tmp_path / 'photos'}", "--norm", "bn"]
+    done = fit(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["test"]) == {"source"} and "unlabelled" in done.stdout
+    lines = (run / "predictions.csv").read_text().splitlines()
+    assert lines[0].startswith("image,class,confidence,p_0") and len(lines) == 1 + len(images)
+    assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(map(str, images))
+    resumed = fit(*[a if a != "4" else "6" for a in args], "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["steps"] == 6
+    assert len((run / "predictions.csv").read_text().splitlines()) == 1 + len(images)
+
+
+def test_a_pair_of_64_pixel_folders_trains_and_predicts_at_64(tmp_path):
+    from conftest import write_images
+
+    for domain in ("a", "b"):
+        write_images(tmp_path / domain, 6, size=64, classes=("x", "y"), seed=len(domain))
+    run = tmp_path / "run"
+    done = fit("--data.source", f"folder:{tmp_path / 'a'}", "--data.target", f"folder:{tmp_path / 'b'}",
+               "--data.image_size", "64", "--data.batch_size", "4", "--data.uratio", "1", "--trainer.max_steps", "2",
+               "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false", "--run_dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "image_size: 64" in (run / "config.yaml").read_text()
+    import adamatch_uan
+
+    classifier = adamatch_uan.load(run)
+    assert classifier.image_size == 64 and classifier.class_names == ["x", "y"]
+    predicted = subprocess.run([sys.executable, "-m", "adamatch_uan.predict", str(run), str(tmp_path / "b"),
+                                "--out", str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 12

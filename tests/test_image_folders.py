@@ -11,6 +11,11 @@ from adamatch_uan.data import DomainError, load_domain
 from adamatch_uan.data import image_folders
 
 
+def parts(domain):
+    """A Domain's (images, labels)."""
+    return domain.images, domain.labels
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):  # here in tmp_path, to count its files
     monkeypatch.setattr(image_folders, "cache_dir", lambda: tmp_path / "cache")
@@ -32,36 +37,36 @@ def make_folder(root, classes=("cat", "dog"), per_class=3, size=(8, 8)):
 
 def test_image_folder_decodes_once_and_reads_the_cache_after(tmp_path, monkeypatch):
     make_folder(tmp_path / "data")
-    images, labels = load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=None)
+    images, labels = parts(load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=None))
     assert images.shape == (6, 3, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     monkeypatch.setattr(image_folders.Image, "open", lambda *a, **k: pytest.fail("decoded again"))
-    again, labels_again = load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=None)
+    again, labels_again = parts(load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=None))
     assert torch.equal(again, images) and torch.equal(labels_again, labels)
 
 
 def test_the_cache_is_invalidated_when_a_file_changes_or_is_added(tmp_path):
     make_folder(tmp_path / "data")
     spec = f"folder:{tmp_path / 'data'}"
-    first, _ = load_domain(spec, tmp_path, True, size=None)
+    first, _ = parts(load_domain(spec, tmp_path, True, size=None))
     path = tmp_path / "data" / "train" / "cat" / "0.png"
     write_image(path, value=7)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a newer file
-    changed, _ = load_domain(spec, tmp_path, True, size=None)
+    changed, _ = parts(load_domain(spec, tmp_path, True, size=None))
     assert (changed[0] == 7).all() and not torch.equal(changed, first)
     write_image(tmp_path / "data" / "train" / "dog" / "9.png")
-    assert len(load_domain(spec, tmp_path, True, size=None)[0]) == 7
+    assert len(load_domain(spec, tmp_path, True, size=None)) == 7
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
-    resized, _ = load_domain(spec, tmp_path, True, size=16)  # another size, another cache file
+    resized = load_domain(spec, tmp_path, True, size=16).images  # another size, another cache file
     assert resized.shape == (7, 3, 16, 16)
 
 
 def test_images_of_different_sizes_need_an_image_size(tmp_path):
     make_folder(tmp_path / "data", per_class=1)
     write_image(tmp_path / "data" / "train" / "cat" / "big.png", size=(10, 12))
-    with pytest.raises(DomainError, match="one size.*--data.resize"):
+    with pytest.raises(DomainError, match="one size.*8×8, 10×12.*--data.image_size"):
         load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=None)
-    assert load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=32)[0].shape == (3, 3, 32, 32)
+    assert load_domain(f"folder:{tmp_path / 'data'}", tmp_path, True, size=32).images.shape == (3, 3, 32, 32)
 
 
 def make_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=2, val=4):
@@ -80,9 +85,9 @@ def make_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=2, val=4):
 
 def test_tiny_imagenet_layout_and_validation_labels(tmp_path):
     make_tiny_imagenet(tmp_path)
-    images, labels = load_domain("tinyimagenet", tmp_path, True, size=None)
+    images, labels = parts(load_domain("tinyimagenet", tmp_path, True, size=None))
     assert images.shape == (6, 3, 64, 64) and labels.tolist() == [0, 0, 1, 1, 2, 2]  # sorted wnids: n01, n02, n03
-    val_images, val_labels = load_domain("tinyimagenet", tmp_path, False, size=None)
+    val_images, val_labels = parts(load_domain("tinyimagenet", tmp_path, False, size=None))
     assert val_images.shape == (4, 3, 64, 64) and val_labels.tolist() == [1, 0, 2, 1]  # n02, n01, n03, n02
 
 

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from adamatch_uan.data.domains import load_domain
+from adamatch_uan.data.base import DEFAULT_ROOT, DomainDataModule
+from adamatch_uan.data.domains import Domain
 from adamatch_uan.data.sharding import evaluation_loader
+from adamatch_uan.data.splits import stratified_split
 
 RANK_SEED_STRIDE = 1_000_003  # process r > 0 samples from seed + r · stride: streams apart for any seed
-
-DEFAULT_ROOT = Path("~/.cache/adamatch_uan/data")
 
 
 def infinite_indices(size: int, generator: torch.Generator) -> Iterator[int]:
@@ -67,67 +65,88 @@ class PairedBatches(IterableDataset):
             yield {"source": (images[si], labels[si]), "target": self.target[ti]}
 
 
-class DomainPairDataModule(L.LightningDataModule):
-    """Source (labelled) and target (unlabelled in training) domains.
+class DomainPairDataModule(DomainDataModule):
+    """Source (labelled) and target (unlabelled in training; labelled or not on disk) domains.
 
-    Validation: the held-out part of the source training set ("source"), then the target
-    test set ("target"); checkpoint selection should monitor the source set only. Test: the
-    source and the target test sets, in that order.
+    The source defines the classes (``classes``); a labelled target's classes are mapped onto
+    them by name (``data.classes``). Validation: the held-out part of the source training set
+    ("source"), then the target test set ("target") when the target is labelled; checkpoint
+    selection monitors the source set only. Test: the source and (labelled) target test sets,
+    in that order. ``target_train`` keeps the target's training images with where each came
+    from (the images a run adapts to, and predicts at its end).
 
     Args:
         source: domain spec, e.g. "mnist" or "npz:/path/file.npz" (see ``load_domain``).
-        target: domain spec of the target.
+        target: domain spec of the target, e.g. "images:/path/photos" for unlabelled images.
         root: folder with the built-in datasets (torchvision layout).
         download: let torchvision download missing built-in datasets.
         batch_size: source images per step and process; the target batch is ``uratio`` times larger.
         uratio: target-to-source batch ratio.
-        val_fraction: fraction of the source training set held out for validation.
+        val_fraction: fraction of the source training set held out for validation (stratified).
         max_source: keep at most this many source training images (None: all).
         max_target: keep at most this many target training images (None: all).
         eval_batch_size: batch size of evaluation loaders.
-        test_fraction: test split of npz files holding a single x, y.
-        num_classes: classes (labels are checked against it).
+        test_fraction: test split of labelled npz files and image folders without their own (stratified).
+        image_size: side every image is made (``preprocess``); None: the source's images' own side,
+            but at least 32 (digits and CIFAR at 32×32, larger images at their size).
+        split_seed: seed of the test splits made from npz files and folders without their own.
         seed: seed of the subsampling, the validation split and the samplers.
     """
 
     def __init__(self, source: str = "mnist", target: str = "svhn", root: str = str(DEFAULT_ROOT),
                  download: bool = True, batch_size: int = 64, uratio: int = 3, val_fraction: float = 0.1,
                  max_source: int | None = None, max_target: int | None = None, eval_batch_size: int = 256,
-                 test_fraction: float = 0.2, num_classes: int = 10, seed: int = 0) -> None:
+                 test_fraction: float = 0.2, image_size: int | None = None, split_seed: int = 0,
+                 seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
-
-    def _load(self, spec: str, train: bool) -> tuple[Tensor, Tensor]:
-        hp = self.hparams
-        return load_domain(spec, hp.root, train, hp.download, hp.test_fraction, hp.num_classes)
+        for name, value in (("batch_size", batch_size), ("uratio", uratio), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"Expected --data.{name} ≥ 1, got {value}")
+        if not 0 <= val_fraction < 1 or not 0 < test_fraction < 1:
+            raise ValueError(f"Expected 0 ≤ --data.val_fraction < 1 and 0 < --data.test_fraction < 1, got "
+                             f"{val_fraction} and {test_fraction}")
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "source_train"):
             return
         hp = self.hparams
+        source, self.source_test = self.load_source(hp.source)
+        kept, held = stratified_split(source.labels, len(source), hp.val_fraction, hp.seed)
         generator = torch.Generator().manual_seed(hp.seed)
-        images, labels = self._load(hp.source, train=True)
-        order = torch.randperm(len(images), generator=generator)
-        n_val = int(round(len(images) * hp.val_fraction))
-        val, train = order[:n_val], order[n_val:][: hp.max_source]
-        self.source_train, self.source_val = (images[train], labels[train]), (images[val], labels[val])
-        target_images, _ = self._load(hp.target, train=True)  # target training labels are dropped here
-        keep = torch.randperm(len(target_images), generator=generator)[: hp.max_target]
-        self.target_train = target_images[keep]
-        self.source_test, self.target_test = self._load(hp.source, train=False), self._load(hp.target, train=False)
-        if len(self.source_train[0]) == 0 or len(self.target_train) == 0:
-            raise ValueError("Expected non-empty source and target training sets; check --data.max_source/max_target")
+        kept = kept[torch.randperm(len(kept), generator=generator)][: hp.max_source]
+        self.source_train, self.source_val = source.subset(kept), source.subset(held)
+        target = self.load_other(hp.target, train=True)  # its labels, if any, are dropped by train_dataloader
+        # In the files' order (the order of the predictions written at the end of a run).
+        self.target_train = target.subset(torch.randperm(len(target), generator=generator)[: hp.max_target].sort().values)
+        self.target_test = self.load_other(hp.target, train=False) if target.labels is not None else None
+        if len(self.source_train) == 0 or len(self.target_train) == 0:
+            raise ValueError(f"Expected non-empty source and target training sets, got {len(self.source_train)} and "
+                             f"{len(self.target_train)} images; check --data.max_source/max_target")
+
+    @property
+    def target_labelled(self) -> bool:
+        self._ready()
+        return self.target_test is not None
+
+    @property
+    def eval_names(self) -> list[str]:
+        return ["source", "target"] if self.target_labelled else ["source"]
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         # A resumed run's trainer has its global step back when the stream starts.
         start = lambda: self.trainer.global_step if self.trainer is not None else 0  # noqa: E731
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return DataLoader(PairedBatches(self.source_train, self.target_train, hp.batch_size, hp.uratio, hp.seed, start,
+        source = (self.source_train.images, self.source_train.labels)
+        return DataLoader(PairedBatches(source, self.target_train.images, hp.batch_size, hp.uratio, hp.seed, start,
                                         rank), batch_size=None)
 
+    def _loaders(self, domains: list[Domain | None]) -> list[DataLoader]:
+        return [evaluation_loader(d.images, d.labels, self.hparams.eval_batch_size) for d in domains if d is not None]
+
     def val_dataloader(self) -> list[DataLoader]:
-        return [evaluation_loader(*pair, self.hparams.eval_batch_size) for pair in (self.source_val, self.target_test)]
+        return self._loaders([self.source_val, self.target_test])
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [evaluation_loader(*pair, self.hparams.eval_batch_size) for pair in (self.source_test, self.target_test)]
+        return self._loaders([self.source_test, self.target_test])

@@ -1,40 +1,80 @@
-"""Domains as in-memory uint8 tensors: built-in datasets through torchvision, and user data.
+"""Domains as in-memory uint8 tensors: built-in datasets through torchvision, and user data, labelled or not.
 
-``load_domain(spec, root, train, download)`` returns ``(images, labels)``: images uint8
-(N, 3, 32, 32) (or their own size with ``size=None``), labels int64 (N,). Specs:
+``load_domain(spec, root, train, ...)`` returns a :class:`Domain` (images uint8 (N, 3, S, S)
+preprocessed by ``preprocess.resizer(size)``, labels or None, class names, where each image
+came from), or None for a split the domain does not have (an unlabelled domain has no test
+split: all its images are training images). Specs:
 
 - ``mnist``, ``svhn``, ``usps``: torchvision's dataset classes and on-disk formats under
   ``root`` (MNIST in ``root/MNIST/raw``, SVHN ``root/{train,test}_32x32.mat``, USPS
   ``root/usps.bz2`` / ``root/usps.t.bz2``); files are checked against torchvision's
-  checksums (SVHN, USPS) before use.
+  checksums (SVHN, USPS) before use. Their labels are the digits (numbered classes).
 - ``cifar10``, ``cifar100``, ``fashion_mnist``: torchvision's classes and formats
-  (``root/cifar-10-batches-py``, ``root/cifar-100-python``, ``root/FashionMNIST/raw``).
+  (``root/cifar-10-batches-py``, ``root/cifar-100-python``, ``root/FashionMNIST/raw``), with
+  their class names.
 - ``tinyimagenet``: the cs231n layout under ``root/tiny-imagenet-200`` (64×64; the labelled
   validation split is the test split), decoded once and cached (``image_folders.py``).
-- ``npz:PATH``: either ``x`` (N, H, W[, C]) uint8 and ``y`` (N,) with the split fraction
-  ``test_fraction`` (the last part is the test split), or ``x_train, y_train, x_test, y_test``.
-- ``folder:PATH``: an ImageFolder (PATH/class/image); PATH/train and PATH/test when both
-  exist, else split by ``test_fraction``; decoded once and cached (``image_folders.py``).
+- ``npz:PATH``: ``x`` (N, H, W[, C]) uint8, with ``y`` (N,) split into train and test by
+  ``test_fraction`` (stratified, seeded by ``split_seed``) or without ``y`` (unlabelled, all
+  training images); or ``x_train`` [, ``y_train``, ``x_test``, ``y_test``]. An optional
+  ``classes`` array names the labels (else they are class indices).
+- ``folder:PATH``: an ImageFolder (PATH/class/…/image), with PATH/train and PATH/test when both
+  exist, else split like an npz; or, when PATH holds image files itself, a flat folder of
+  unlabelled images (any depth). Decoded once and cached (``image_folders.py``).
+- ``images:PATH``: unlabelled images: every image file under the folder PATH (any depth), one
+  image file, or a glob pattern (``'photos/**/*.jpg'``).
 
-Preprocessing (docs/METHOD.md §5), ``size=32``: 28×28 images are zero-padded by 2 px, 16×16
-ones are resized to 28×28 then padded, other sizes resized to 32×32; grey is repeated to 3
-channels. ``size=None`` keeps each dataset's own size (grey still becomes 3 channels);
-another int resizes to it.
+Labels are in the domain's own index here; ``classes.onto`` maps them onto a run's classes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.datasets as tvd
 from torch import Tensor
 
 from adamatch_uan.data.errors import DomainError
-from adamatch_uan.data.image_folders import Resize, image_folder, tiny_imagenet
+from adamatch_uan.data.image_folders import class_folders, decode, image_files, labelled_folder, tiny_imagenet
+from adamatch_uan.data.preprocess import check_memory, resizer
+from adamatch_uan.data.splits import stratified_split
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """One split of a domain.
+
+    Attributes:
+        spec: the spec it was loaded from.
+        images: uint8 (N, 3, H, W).
+        labels: int64 (N,), or None for unlabelled images.
+        classes: the name of each label id, or None when the ids are class indices (the digit
+            sets, npz files without names).
+        ids: where each image came from: a file path, or ``"<source>[i]"``.
+    """
+
+    spec: str
+    images: Tensor
+    labels: Tensor | None
+    classes: list[str] | None
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: Tensor) -> Domain:
+        """The images at ``index`` (int64), in that order."""
+        return dataclasses.replace(self, images=self.images[index],
+                                   labels=None if self.labels is None else self.labels[index],
+                                   ids=[self.ids[i] for i in index.tolist()])
+
+    def relabelled(self, labels: Tensor, classes: list[str] | None) -> Domain:
+        return dataclasses.replace(self, labels=labels, classes=classes)
+
 
 # Expected md5 of the files each built-in domain reads, from torchvision's own tables.
 CHECKSUMS: dict[str, dict[str, str]] = {
@@ -52,33 +92,6 @@ BUILTIN_FILES = {
                       False: ["FashionMNIST/raw/t10k-images-idx3-ubyte", "FashionMNIST/raw/t10k-labels-idx1-ubyte"]},
 }
 FOLDER_DOMAINS = ("tinyimagenet",)
-
-
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
-
-
-def to_rgb(images: Tensor) -> Tensor:
-    """uint8 (N, H, W) or (N, C, H, W), C in {1, 3} → uint8 (N, 3, H, W), grey repeated."""
-    x = images.unsqueeze(1) if images.dim() == 3 else images
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
-        raise DomainError(f"Expected 1 or 3 channels, got {x.shape[1]}")
-    return x.contiguous()
-
-
-def to_rgb32(images: Tensor) -> Tensor:
-    """uint8 (N, H, W) or (N, C, H, W), C in {1, 3} → uint8 (N, 3, 32, 32) as §5 prescribes."""
-    x = images.unsqueeze(1) if images.dim() == 3 else images
-    size = tuple(x.shape[-2:])
-    if size == (16, 16):
-        x, size = _resize(x, (28, 28)), (28, 28)
-    if size == (28, 28):
-        x = F.pad(x, (2, 2, 2, 2))
-    elif size != (32, 32):
-        x = _resize(x, (32, 32))
-    return to_rgb(x)
 
 
 def _md5(path: Path) -> str:
@@ -104,93 +117,130 @@ def _require_builtin(name: str, root: Path, train: bool, download: bool) -> None
                               f"the file is corrupted or a different version: replace it")
 
 
-def _builtin(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+def _builtin(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor, list[str] | None]:
+    """Images, labels and class names (None for the digit sets) of a built-in domain."""
     _require_builtin(name, root, train, download)
     try:
         if name == "mnist":
             ds = tvd.MNIST(root, train=train, download=download)
-            return ds.data, ds.targets
+            return ds.data, ds.targets, None
         if name == "fashion_mnist":
             ds = tvd.FashionMNIST(root, train=train, download=download)
-            return ds.data, ds.targets
+            return ds.data, ds.targets, list(ds.classes)
         if name == "svhn":
             ds = tvd.SVHN(root, split="train" if train else "test", download=download)
-            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
+            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels), None
         if name in ("cifar10", "cifar100"):
             ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(root, train=train, download=download)
-            return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets)
+            return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), list(ds.classes)
         ds = tvd.USPS(root, train=train, download=download)
-        return torch.from_numpy(ds.data), torch.tensor(ds.targets)
+        return torch.from_numpy(ds.data), torch.tensor(ds.targets), None
     except (OSError, RuntimeError) as err:  # torchvision's download or integrity failures
         files = ", ".join(str(root / f) for f in BUILTIN_FILES[name][train])
         raise DomainError(f"Could not load {name} from {root} ({err}). Expected files: {files}; "
                           f"point --data.root at a folder that has them") from err
 
 
-def _split(x: Tensor, y: Tensor, train: bool, test_fraction: float) -> tuple[Tensor, Tensor]:
-    cut = len(x) - int(round(len(x) * test_fraction))
-    return (x[:cut], y[:cut]) if train else (x[cut:], y[cut:])
-
-
-def _npz(path: Path, train: bool, test_fraction: float, num_classes: int) -> tuple[Tensor, Tensor]:
+def _npz_arrays(path: Path, train: bool) -> tuple[np.ndarray | None, np.ndarray | None, list[str] | None, bool, str]:
+    """x, y (or None), the class names (or None), whether the file has its own split, and x's key."""
     if not path.exists():
         raise DomainError(f"Missing npz file {path}; check the path in npz:PATH")
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as err:
-        raise DomainError(f"Could not read {path} as an npz file: {err}") from err
-    keys = set(data.files)
-    if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        x, y = (data["x_train"], data["y_train"]) if train else (data["x_test"], data["y_test"])
-    elif {"x", "y"} <= keys:
-        x, y = data["x"], data["y"]
-    else:
-        raise DomainError(f"Expected {path} to hold x, y or x_train, y_train, x_test, y_test; got {sorted(keys)}")
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as err:  # a truncated or foreign file: zipfile, pickle and numpy raise many types
+        raise DomainError(f"Could not read {path} as an npz file ({type(err).__name__}: {err}); "
+                          f"the file is truncated or not an npz: write it again with numpy.savez") from err
+    classes = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays else None
+    if "x_train" in arrays:
+        key = "x_train" if train else "x_test"
+        labels = "y_train" if train else "y_test"
+        return arrays.get(key), arrays.get(labels), classes, True, key
+    if "x" in arrays:
+        return arrays["x"], arrays.get("y"), classes, False, "x"
+    raise DomainError(f"Expected {path} to hold x (and y) or x_train (and y_train, x_test, y_test); "
+                      f"got {sorted(arrays)}")
+
+
+def _npz(path: Path, train: bool, test_fraction: float, split_seed: int, size: int | None) -> Domain | None:
+    x, y, classes, own_split, key = _npz_arrays(path, train)
+    if x is None:
+        return None
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
-        raise DomainError(f"Expected x in {path} as uint8 (N, H, W[, C]) with C in 1 or 3, got {x.dtype} {x.shape}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise DomainError(f"Expected labels (N,) = ({len(x)},) in {path}, got {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
-        raise DomainError(f"Expected integer labels in [0, {num_classes}) in {path}, got {y.dtype} "
-                          f"in [{y.min() if len(y) else '-'}, {y.max() if len(y) else '-'}]")
+        raise DomainError(f"Expected {key} in {path} as uint8 (N, H, W[, C]) with C in 1 or 3, got {x.dtype} {x.shape}")
+    labels = None
+    if y is not None:
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise DomainError(f"Expected integer labels (N,) = ({len(x)},) beside {key} in {path}, got {y.dtype} {y.shape}")
+        if len(y) and (y.min() < 0 or (classes is not None and y.max() >= len(classes))):
+            raise DomainError(f"Expected labels in [0, {len(classes) if classes else 'K'}) in {path}, got "
+                              f"[{y.min()}, {y.max()}]")
+        labels = torch.from_numpy(y.astype(np.int64))
+    spec = f"npz:{path}"
     images = torch.from_numpy(x)
-    images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images
-    labels = torch.from_numpy(y.astype(np.int64))
-    return (images, labels) if {"x_train"} <= keys else _split(images, labels, train, test_fraction)
+    images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)
+    domain = Domain(spec, images, labels, classes, [f"{path.name}:{key}[{i}]" for i in range(len(x))])
+    if not own_split:
+        if labels is None:  # unlabelled: every image is a training image
+            if not train:
+                return None
+        else:
+            kept, held = stratified_split(labels, len(x), test_fraction, split_seed)
+            domain = domain.subset(kept if train else held)
+    return _preprocessed(domain, size)
 
 
-def resizer(size: int | None) -> tuple[Resize, str]:
-    """The per-image preprocessing of ``size`` (module docstring) and its name (cache keys)."""
-    if size == 32:
-        return to_rgb32, "rgb32"
-    if size is None:
-        return to_rgb, "native"
-    return lambda x: to_rgb(_resize(x, (size, size))), f"resize{size}"
+def _preprocessed(domain: Domain, size: int | None) -> Domain:
+    """The domain's images after ``resizer(size)``, if they fit in memory."""
+    h, w = domain.images.shape[-2:]
+    check_memory(len(domain), size or h, size or w, domain.spec)
+    return dataclasses.replace(domain, images=resizer(size)[0](domain.images))
+
+
+def _folder(path: Path, train: bool, test_fraction: float, split_seed: int, size: int | None) -> Domain | None:
+    if not path.is_dir():
+        raise DomainError(f"Missing image folder {path}; check the path in folder:PATH")
+    spec = f"folder:{path}"
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        images, labels, classes, ids = labelled_folder(path / ("train" if train else "test"), size)
+        return Domain(spec, images, labels, classes, ids)
+    if class_folders(path) is None:  # image files here: unlabelled
+        return _images(str(path), train, size, spec)
+    images, labels, classes, ids = labelled_folder(path, size)
+    kept, held = stratified_split(labels, len(labels), test_fraction, split_seed)
+    return Domain(spec, images, labels, classes, ids).subset(kept if train else held)
+
+
+def _images(pattern: str, train: bool, size: int | None, spec: str | None = None) -> Domain | None:
+    if not train:
+        return None
+    paths = image_files(pattern)
+    return Domain(spec or f"images:{pattern}", decode(paths, size, pattern), None, None, [str(p) for p in paths])
 
 
 def load_domain(spec: str, root: str | Path, train: bool, download: bool = True, test_fraction: float = 0.2,
-                num_classes: int = 10, size: int | None = 32) -> tuple[Tensor, Tensor]:
-    """Load one split of a domain as (uint8 (N, 3, H, W), int64 (N,)); see the module docstring.
+                size: int | None = 32, split_seed: int = 0) -> Domain | None:
+    """Load one split of a domain (module docstring), or None when the domain has no such split.
 
     Raises:
-        DomainError: unknown spec, missing or corrupted files, malformed npz or image folder.
+        DomainError: unknown spec, missing or corrupted files, malformed npz or image folder, too many
+            images for the memory.
     """
     root = Path(root).expanduser()
     kind, _, path = spec.partition(":")
-    resize, name = resizer(size)
     if spec in BUILTIN_FILES:
-        images, labels = _builtin(spec, root, train, download)
-    elif spec == "tinyimagenet":
-        return tiny_imagenet(root, train, resize, name)
-    elif kind == "npz" and path:
-        images, labels = _npz(Path(path).expanduser(), train, test_fraction, num_classes)
-    elif kind == "folder" and path:
-        images, labels, has_splits = image_folder(Path(path).expanduser(), train, resize, name)
-        if not has_splits:
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-            images, labels = _split(images[order], labels[order], train, test_fraction)
-        return images, labels
-    else:
-        raise DomainError(f"Unknown domain {spec!r}; expected one of {', '.join([*BUILTIN_FILES, *FOLDER_DOMAINS])}, "
-                          f"npz:PATH or folder:PATH; use --data.source / --data.target")
-    return resize(images.unsqueeze(1) if images.dim() == 3 else images), labels.long()
+        images, labels, classes = _builtin(spec, root, train, download)
+        images = images.unsqueeze(1) if images.dim() == 3 else images
+        split = "train" if train else "test"
+        domain = Domain(spec, images, labels.long(), classes, [f"{spec}:{split}[{i}]" for i in range(len(images))])
+        return _preprocessed(domain, size)
+    if spec == "tinyimagenet":
+        return Domain(spec, *tiny_imagenet(root, train, size))
+    if kind == "npz" and path:
+        return _npz(Path(path).expanduser(), train, test_fraction, split_seed, size)
+    if kind == "folder" and path:
+        return _folder(Path(path).expanduser(), train, test_fraction, split_seed, size)
+    if kind == "images" and path:
+        return _images(path, train, size)
+    raise DomainError(f"Unknown domain {spec!r}; expected one of {', '.join([*BUILTIN_FILES, *FOLDER_DOMAINS])}, "
+                      f"npz:PATH, folder:PATH or images:PATH; use --data.source / --data.target")

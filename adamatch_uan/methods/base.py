@@ -106,7 +106,8 @@ class DomainAdaptationMethod(L.LightningModule):
         backbone: a name from ``adamatch_uan.models.BACKBONES``, or ``torchvision:NAME`` / ``timm:NAME``.
         backbone_options: more options for the backbone's constructor (e.g. ``{"weights": "DEFAULT"}``
             for a torchvision model).
-        num_classes: classes.
+        num_classes: classes (from the data on the command line).
+        class_names: the name of each class (from the data on the command line; default "0" … "K−1").
         norm: anything ``make_norm`` accepts ("bn", "mn", "uan", "uan_ctx", ...), or a slot → norm
             mapping such as ``{"input": "uan_ctx", "default": "bn"}`` (``models.slots.NormChoice``).
         norm_at: where norm layers go: "all", "input", "none" or a list of slot names.
@@ -121,10 +122,12 @@ class DomainAdaptationMethod(L.LightningModule):
         flip: random horizontal flips in the weak view (off for digits).
         strong_ops: ops per image in the strong view.
         cutout: cutout side in pixels in the strong view.
-        image_size: side of the (square) input images.
-        eval_names: a name per evaluation dataloader, in order.
-        eval_contexts: the context id given to each evaluation set (default: the source
-            id for every set, as the authors evaluate).
+        image_size: side of the (square) input images (from the data on the command line).
+        eval_names: a name per evaluation dataloader, in order (from the data on the command line).
+        target_context: the context id target images get in evaluation and prediction: the source
+            id (0, the authors' rule) or the target's (1). Only context-aware norms read it.
+        eval_contexts: the context id given to each evaluation set (default: ``target_context``
+            for the set named "target", the source id for the others).
     """
 
     def __init__(self, backbone: str = "shallow_cnn", num_classes: int = 10, norm: NormChoice = "bn",
@@ -132,11 +135,18 @@ class DomainAdaptationMethod(L.LightningModule):
                  lr_decay: float = 0.25, momentum: float = 0.9, mixture_lr_scale: float = 1.0, weight_decay: float = 1e-3,
                  ema_decay: float | None = 0.999, lr_schedule: str = "adamatch", flip: bool = False, strong_ops: int = 2, cutout: int = 16,
                  image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
-                 eval_contexts: Sequence[int] | None = None, backbone_options: dict | None = None) -> None:
+                 eval_contexts: Sequence[int] | None = None, backbone_options: dict | None = None,
+                 class_names: Sequence[str] | None = None, target_context: int = SOURCE) -> None:
         super().__init__()
         self.save_hyperparameters()
         if eval_contexts is not None and len(eval_contexts) != len(eval_names):
             raise ValueError(f"Expected one eval context per eval set {list(eval_names)}, got {list(eval_contexts)}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"Expected {num_classes} class names, got {len(class_names)}: {list(class_names)[:10]}")
+        if target_context not in (SOURCE, TARGET):
+            raise ValueError(f"Expected target_context {SOURCE} (source) or {TARGET} (target), got {target_context}; "
+                             f"use --model.init_args.target_context")
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self.model = make_backbone(backbone, num_classes, norm=norm, norm_at=norm_at, norm_options=norm_options,
                                    **(backbone_options or {}))
         if lr_schedule not in LR_SCHEDULES:
@@ -150,8 +160,15 @@ class DomainAdaptationMethod(L.LightningModule):
             self._ddp_params_and_buffers_to_ignore = [f"ema.{name}" for name, _ in
                                                       [*self.ema.named_parameters(), *self.ema.named_buffers()]]
         self.augment = Augment((image_size, image_size), flip=flip, num_ops=strong_ops, cutout=cutout)
-        self.eval_names = list(eval_names)
-        self.eval_contexts = list(eval_contexts) if eval_contexts is not None else [SOURCE] * len(self.eval_names)
+        self.set_eval_sets(eval_names, eval_contexts)
+
+    def set_eval_sets(self, names: Sequence[str], contexts: Sequence[int] | None = None) -> None:
+        """Evaluate the sets ``names`` (one per dataloader, in order) with ``contexts`` (default: ``target_context``
+        for "target", the source id for the others); their metrics start afresh."""
+        num_classes = self.hparams.num_classes
+        self.eval_names = list(names)
+        self.eval_contexts = (list(contexts) if contexts is not None else
+                              [self.hparams.target_context if name == "target" else SOURCE for name in self.eval_names])
         self.metrics = nn.ModuleDict({f"{stage}_{name}": evaluation_metrics(num_classes, f"{stage}/{name}/")
                                       for stage in ("val", "test") for name in self.eval_names})
         self.confusion = nn.ModuleDict({name: MulticlassConfusionMatrix(num_classes) for name in self.eval_names})
@@ -256,11 +273,33 @@ class DomainAdaptationMethod(L.LightningModule):
                 for b, synced in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers)):
                     b.copy_(synced)
 
-    # ---- evaluation ----
+    # ---- evaluation and prediction ----
     @property
     def evaluated_model(self) -> nn.Module:
         """The EMA copy, or the trained model when there is none (``ema_decay=None``)."""
         return self.ema.module if self.ema is not None else self.model
+
+    def forward(self, images: Tensor, context: int | None = None) -> Tensor:
+        """Logits (N, K) of the evaluated model (``evaluated_model``) for images preprocessed as the run's
+        were: uint8 (N, 3, S, S) at the run's ``image_size`` (``adamatch_uan.load(run).predict`` does that),
+        with the context id ``context`` (default ``target_context``).
+
+        Raises:
+            ValueError: images of another shape.
+        """
+        size = self.hparams.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"Expected images (N, 3, {size}, {size}) preprocessed as the run's were, got "
+                             f"{tuple(images.shape)}; adamatch_uan.load(RUN_DIR).predict(images) resizes them as the "
+                             f"run did")
+        ids = torch.full((len(images),), self.hparams.target_context if context is None else context,
+                         device=images.device)
+        return self.evaluated_model(self.inputs(images), ids)
+
+    def predict_step(self, batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
+        """Class probabilities (N, K) of a batch of images (or of (images, ...) tuples), as ``forward``."""
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).float().softmax(1)
 
     def _evaluate(self, batch, dataloader_idx: int, stage: str) -> None:
         if dataloader_idx >= len(self.eval_names):
