@@ -12,13 +12,18 @@ from collections.abc import Iterator
 METRICS = ("acc", "precision", "recall", "f1")
 
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
-            "lightning.fabric.utilities.rank_zero", "lightning.pytorch.callbacks.model_summary")
+            "lightning.fabric.utilities.rank_zero", "lightning.pytorch.callbacks.model_summary",
+            "lightning.fabric.utilities.seed")
 IRRELEVANT_WARNINGS = (
     r".*does not have many workers.*",                         # the data are tensors in memory
     r".*`torch.jit.trace` is deprecated.*", r".*`torch.jit.trace_method` is deprecated.*",
     r".*Found .* module\(s\) in eval mode at the start of training.*",
     r".*The number of training batches .* is smaller than the logging interval.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own use of torch's pytree
+    r".*ckpt_path=None\)` was called without a model.*",  # a fast_dev_run tests the weights it has
+    r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint.*",  # a fresh run has nothing to resume
+    r".*Checkpoint directory .* exists and is not empty.*",  # a resumed run's
+    r".*`weights_only` was not set, defaulting to `False`.*",  # our own checkpoints
 )
 
 

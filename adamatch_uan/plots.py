@@ -257,27 +257,59 @@ def activation_gallery_figure(run: Run, last: int = 3) -> Figure:
     return fig
 
 
-def write_figures(run_dirs: Sequence[str | Path], out: str | Path | None = None, kind: str = "total") -> list[Path]:
-    """Write every figure of the runs as PNG into ``out`` (default: the first run's ``figures/``)."""
+MISSING = {
+    "gradient variance": "gradient_variance.csv: add --trainer.callbacks+=adamatch_uan.callbacks.GradientVariance",
+    "validation": "validation rows in metrics.csv (the run has not validated yet)",
+    "activations": "activations/*.png: add --trainer.callbacks+=adamatch_uan.callbacks.ActivationPlot",
+}
+
+
+def write_figures(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+                  kind: str = "total") -> tuple[list[Path], list[str]]:
+    """Write the figures the runs have data for as PNG into ``out`` (default: the first run's ``figures/``).
+
+    Returns:
+        The files written, and a note per run and figure it has no data for (with the callback to enable).
+
+    Raises:
+        FileNotFoundError: a run directory that does not exist.
+    """
     runs = [load_run(p) for p in run_dirs]
     out = Path(out) if out is not None else runs[0].path / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    figures = {"gradient_variance.png": gradient_variance_figure(runs, kind),
-               "validation.png": validation_figure(runs)}
+    has = {"gradient variance": [bool(variance_by_step(run, kind)) for run in runs],
+           "validation": [any(k.startswith("val/") for k in run.metrics) for run in runs],
+           "activations": [bool(run.activations) for run in runs]}
+    notes = [f"{run.path} has no {MISSING[what]}" for what, flags in has.items()
+             for run, flag in zip(runs, flags) if not flag]
+    figures = {}
+    if any(has["gradient variance"]):
+        figures["gradient_variance.png"] = gradient_variance_figure(runs, kind)
+    if any(has["validation"]):
+        figures["validation.png"] = validation_figure(runs)
     for i, run in enumerate(runs):
         tag = f"{i}-{run.path.name}"
-        figures[f"heatmap-{tag}.png"] = layer_heatmap_figure(run, kind)
-        if run.activations:
+        if has["gradient variance"][i]:
+            figures[f"heatmap-{tag}.png"] = layer_heatmap_figure(run, kind)
+        if has["activations"][i]:
             figures[f"activations-{tag}.png"] = activation_gallery_figure(run)
     written = []
+    if figures:
+        out.mkdir(parents=True, exist_ok=True)
     for name, figure in figures.items():
         figure.savefig(out / name, dpi=100)
         written.append(out / name)
-    return written
+    return written, notes
 
 
 def main(args: Sequence[str] | None = None) -> list[Path]:
+    """Write the figures and print their paths, and what each run lacks.
+
+    Raises:
+        UserError: a run directory that does not exist.
+    """
     from jsonargparse import ArgumentParser
+
+    from adamatch_uan.cli_errors import UserError
 
     parser = ArgumentParser(prog="python -m adamatch_uan.plots", description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="run directories written by adamatch_uan.fit")
@@ -285,11 +317,18 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--kind", type=str, default="total",
                         help="gradient kind: total, source, target, logits_source, logits_target")
     config = parser.parse_args(args)
-    written = write_figures(config.run_dirs, config.out, config.kind)
+    try:
+        written, notes = write_figures(config.run_dirs, config.out, config.kind)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from error
     for path in written:
         print(path)
+    for note in notes:
+        print(f"note: {note}")
     return written
 
 
 if __name__ == "__main__":
-    main()
+    from adamatch_uan.cli_errors import report
+
+    report(main)

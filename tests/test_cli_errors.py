@@ -21,13 +21,35 @@ CASES = {  # name -> (extra arguments given the data folder, what stderr must sa
                        ["Wrong checksum", "32x32.mat", "replace it"]),
     "malformed npz": (lambda d: ["--data.target", f"npz:{d / 'junk.npz'}"], ["junk.npz", "npz"]),
     "malformed image folder": (lambda d: ["--data.target", f"folder:{d / 'folder'}"], ["Could not read image", "bad.png"]),
+    "truncated npz": (lambda d: ["--data.target", f"npz:{d / 'cut.npz'}"], ["cut.npz", "truncated"]),
+    "batch size 0": (lambda d: ["--data.batch_size", "0"], ["--data.batch_size", "got 0"]),
+    "negative max_steps": (lambda d: ["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
+    "a class count": (lambda d: ["--data.num_classes", "13"], ["'num_classes'", "comes from the data"]),
+    "a model class count": (lambda d: ["--model.init_args.num_classes", "13"], ["num_classes comes from the data"]),
+    "another norm than the checkpoint's": (lambda d: ["--norm", "bn", "--ckpt_path", str(d / "uan-run" / "checkpoints" / "last.ckpt")],
+                                            ["norm 'uan'", "'bn'", "config.yaml"]),
+    "an optimizer": (lambda d: ["--optimizer", "Adam"], ["--optimizer", "recipe", "--model.init_args.lr"]),
+    "an lr scheduler": (lambda d: ["--lr_scheduler", "StepLR"], ["--lr_scheduler", "lr_schedule"]),
+    "an abbreviation": (lambda d: ["--trainer.max_step", "3"], ["max_step", "did you mean --trainer.max_steps?"]),
+    "a misspelt option": (lambda d: ["--data.batchsize", "3"], ["'batchsize'", "did you mean --data.batch_size?"]),
+    "an unknown target class": (lambda d: ["--data.source", f"folder:{d / 'named'}", "--data.target",
+                                           f"folder:{d / 'other'}"], ["classes the source does not have: owl"]),
 }
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory):
-    """Broken files of each format."""
+def bad(tmp_path_factory, data):
+    """Broken files of each format, folders of named classes, and a UAN run's checkpoint."""
+    import numpy as np
+
+    from conftest import quick_fit, write_images
+
     bad = tmp_path_factory.mktemp("bad")
+    np.savez(bad / "full.npz", x=np.zeros((64, 16, 16), np.uint8), y=np.arange(64) % 10)
+    (bad / "cut.npz").write_bytes((bad / "full.npz").read_bytes()[:500])
+    write_images(bad / "named", 5, classes=("cat", "dog"))
+    write_images(bad / "other", 5, classes=("cat", "owl"))
+    quick_fit(bad / "uan-run", f"npz:{data / 's.npz'}", f"npz:{data / 't.npz'}", "--norm", "uan", steps=2)
     (bad / "svhn").mkdir()
     for name in ("train_32x32.mat", "test_32x32.mat"):
         (bad / "svhn" / name).write_bytes(b"not the file")
@@ -53,7 +75,7 @@ def test_a_user_error_is_one_short_message_with_the_value_and_the_fix(data, bad,
     assert "Traceback" not in stderr and len(lines) <= 6, stderr[-3000:]
     for expected in CASES[case][1]:
         assert expected in stderr, (expected, stderr[-3000:])
-    assert not (run / "results.json").exists()
+    assert not run.exists()  # nothing written: no run directory, no checkpoint of an untrained model
 
 
 def test_a_real_process_exits_2_with_the_message_and_debug_shows_the_traceback(data, tmp_path):

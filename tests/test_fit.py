@@ -64,9 +64,14 @@ def _signal_state(pid: int) -> str:
     return " ".join(line for line in lines if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
 
 
-def test_interrupted_run_keeps_a_checkpoint_and_resumes_from_it(data, tmp_path):
-    import torch
+def rows(path: Path) -> list[dict]:
+    import csv
 
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_interrupted_run_keeps_a_checkpoint_says_how_to_resume_and_resumes_its_history(data, tmp_path):
     run = tmp_path / "run"
     # A suite started as a background job of a non-interactive shell ignores SIGINT, and a child
     # inherits an ignored signal (Python then keeps it ignored): the run must start with Python's default.
@@ -99,10 +104,57 @@ def test_interrupted_run_keeps_a_checkpoint_and_resumes_from_it(data, tmp_path):
     assert not (run / "results.json").exists()  # an interrupted run never looks finished
     step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
     assert step >= 3
+    assert f"--ckpt_path {saved}" in err and f"--config {run / 'config.yaml'}" in err, err[-3000:]
 
-    resumed = fit(*smoke_args(data, run, step + 2), "--ckpt_path", str(saved))
+    resumed = fit("--config", str(run / "config.yaml"), "--trainer.max_steps", str(step + 2), "--ckpt_path", str(saved))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"run directory: {run}" in resumed.stdout  # the checkpoint's run, not a new directory
     assert json.loads((run / "results.json").read_text())["steps"] == step + 2
+    whole = tmp_path / "whole"  # the same steps without an interruption
+    assert fit(*smoke_args(data, whole, step + 2)).returncode == 0
+    for name in ("metrics.csv", "gradient_variance.csv"):
+        steps = [r["step"] for r in rows(run / name)]
+        assert steps == [r["step"] for r in rows(whole / name)], name
+
+
+def test_a_second_run_aimed_at_a_finished_runs_directory_is_refused_and_changes_nothing(data, tmp_path):
+    run = tmp_path / "run"
+    assert fit(*smoke_args(data, run, 2), "--norm", "bn").returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = fit(*smoke_args(data, run, 2), "--norm", "bn")
+    assert again.returncode == 2 and "holds a run" in again.stderr and "--run_dir NEW" in again.stderr
+    assert len(again.stderr.strip().splitlines()) <= 6
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # its config.yaml starts a new run, elsewhere
+    assert "run_dir: null" in (run / "config.yaml").read_text()
+
+
+def test_a_ten_step_run_with_the_default_interval_validates_saves_and_tests_at_its_end(data, tmp_path):
+    run = tmp_path / "run"
+    done = fit("--data.source", f"npz:{data / 's.npz'}", "--data.target", f"npz:{data / 't.npz'}",
+               "--data.batch_size", "4", "--data.uratio", "1", "--trainer.max_steps", "10", "--norm", "bn",
+               "--run_dir", str(run))  # the default val_check_interval is 500
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["checkpoint"].endswith("best-step=10.ckpt") and (run / "checkpoints" / "last.ckpt").exists()
+    assert results["selected"] == {"step": 10, "monitor": "val/source/acc", "score": results["selected"]["score"]}
+    for key in ("method", "norm", "data", "classes", "steps", "commit", "test"):
+        assert key in results, key
+    assert results["method"] == "adamatch_uan.methods.AdaMatch" and results["norm"] == "bn"
+    assert results["data"]["source"] == f"npz:{data / 's.npz'}" and results["data"]["split_seed"] == 0
+    assert results["test"]["source"]["images"] == 40 and results["test"]["target"]["images"] == 40
+    # no terminal here: plain progress lines, the run directory at the start and the end, one table
+    assert "step 1/10" in done.stdout and "step 10/10" in done.stdout and "\r" not in done.stdout
+    assert done.stdout.startswith(f"run directory: {run}") and f"results in {run / 'results.json'}" in done.stdout
+    assert done.stdout.count("set ") == 1 and "─" not in done.stdout
+    assert done.stderr.strip() == "", done.stderr[-3000:]
+
+
+def test_fast_dev_run_trains_tests_and_writes_nothing(data, tmp_path):
+    run = tmp_path / "run"
+    done = fit(*smoke_args(data, run, 2), "--trainer.fast_dev_run", "true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "acc" in done.stdout and not run.exists()
 
 
 def test_help_and_print_config(capsys):
@@ -114,10 +166,19 @@ def test_help_and_print_config(capsys):
         assert exited.value.code in (0, None)
         return capsys.readouterr().out
 
-    assert "--norm" in printed("--help")
+    page = printed("--help")
+    assert len(page.splitlines()) <= 80
+    for option in ("--norm", "bn, mn, none, uan, uan_ctx, uan_paper", "--data.source", "--data.image_size",
+                   "--model.init_args.lr", "--run_dir", "--ckpt_path", "--debug", "--help trainer"):
+        assert option in page, option
+    assert "--model.init_args.num_classes" not in page  # it comes from the data
+    assert "Supervised" in printed("--model", "adamatch_uan.methods.Supervised", "--help")
+    assert "--trainer.gradient_clip_val" in printed("--help", "trainer")
     config = printed("--print_config", "--norm", "uan")
-    assert "AdaMatch" in config
+    assert "AdaMatch" in config and "norm: uan" in config  # the shortcut, resolved
     assert "seed_everything: 0" in config  # runs are reproducible by default
+    counts = printed("--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "0.5", "--print_config")
+    assert "limit_val_batches: 1\n" in counts and "limit_test_batches: 0.5" in counts  # 1 batch, half the batches
     insight = printed("--print_config", "--trainer.callbacks+=adamatch_uan.callbacks.GradientVariance",
                       "--trainer.callbacks.every_n_steps", "7")
     assert "GradientVariance" in insight and "every_n_steps: 7" in insight

@@ -1,5 +1,6 @@
 """plots: mixture densities, the layer mixtures, the activation figure, run-directory figures and the CLI."""
 
+import shutil
 import subprocess
 import sys
 
@@ -150,3 +151,23 @@ def test_the_cli_writes_pngs(tmp_path):
     assert {"gradient_variance.png", "validation.png", "heatmap-0-bn.png", "heatmap-1-mn.png",
             "activations-0-bn.png"} <= names
     assert all((out / n).read_bytes()[:8] == PNG_MAGIC for n in names)
+
+
+def test_a_run_without_the_callbacks_gets_what_it_has_and_a_note_per_missing_callback(tmp_path):
+    folder = fake_run(tmp_path / "bare", "bn")
+    (folder / "gradient_variance.csv").unlink()
+    shutil.rmtree(folder / "activations")
+    out = tmp_path / "figures"
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.plots", str(folder), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr[-3000:]  # no matplotlib warnings
+    assert {p.name for p in out.glob("*.png")} == {"validation.png"}
+    assert "adamatch_uan.callbacks.GradientVariance" in done.stdout
+    assert "adamatch_uan.callbacks.ActivationPlot" in done.stdout
+
+
+def test_a_missing_run_directory_is_one_short_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.plots", str(tmp_path / "nowhere")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 6

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 
 from adamatch_uan.norm import UAN, MixtureNorm
 from adamatch_uan.norm.backends import backend
@@ -21,9 +20,10 @@ def backend_lines(model, device) -> list[str]:
 
 
 class BackendReport(L.Callback):
-    """At the start of fitting, log which backend (the compiled CPU kernel or torch ops, and why)
-    each MN and UAN layer of ``pl_module.model`` runs on, on the module's device."""
+    """At the start of fitting, print which backend (the compiled CPU kernel or torch ops, and why)
+    each MN and UAN layer of ``pl_module.model`` runs on, on the module's device (the first process)."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        for line in backend_lines(getattr(pl_module, "model", pl_module), pl_module.device):
-            rank_zero_info(line)
+        if trainer.is_global_zero:
+            for line in backend_lines(getattr(pl_module, "model", pl_module), pl_module.device):
+                print(line, flush=True)

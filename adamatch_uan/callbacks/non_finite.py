@@ -82,9 +82,10 @@ class NonFiniteGuard(L.Callback):
 
 class FiniteExceptionCheckpoint(OnExceptionCheckpoint):
     """Lightning's checkpoint on exception, skipped when the module holds a NaN or Inf (a
-    checkpoint to resume from must be finite; the last regular one stays)."""
+    checkpoint to resume from must be finite; the last regular one stays) and before the first
+    training step (a model that never trained is nothing to resume)."""
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if non_finite_tensors(pl_module):
+        if trainer.global_step == 0 or non_finite_tensors(pl_module):
             return
         super().on_exception(trainer, pl_module, exception)

@@ -24,7 +24,9 @@ split: all its images are training images). Specs:
 - ``images:PATH``: unlabelled images: every image file under the folder PATH (any depth), one
   image file, or a glob pattern (``'photos/**/*.jpg'``).
 
-Labels are in the domain's own index here; ``classes.onto`` maps them onto a run's classes.
+A relative PATH that does not exist from the working directory is looked up under ``root``
+(``--data.root``), so a config's ``npz:USPS/usps_esl_16x16.npz`` follows the data root. Labels are
+in the domain's own index here; ``classes.onto`` maps them onto a run's classes.
 """
 
 from __future__ import annotations
@@ -218,6 +220,15 @@ def _images(pattern: str, train: bool, size: int | None, spec: str | None = None
     return Domain(spec or f"images:{pattern}", decode(paths, size, pattern), None, None, [str(p) for p in paths])
 
 
+def _located(path: str, root: Path) -> str:
+    """``path``, or ``root/path`` when ``path`` is relative, finds nothing from here and something there."""
+    here = Path(path).expanduser()
+    if here.is_absolute() or here.exists() or image_files(path):
+        return str(here)
+    there = root / here
+    return str(there) if there.exists() or image_files(str(there)) else str(here)
+
+
 def load_domain(spec: str, root: str | Path, train: bool, download: bool = True, test_fraction: float = 0.2,
                 size: int | None = 32, split_seed: int = 0) -> Domain | None:
     """Load one split of a domain (module docstring), or None when the domain has no such split.
@@ -228,6 +239,8 @@ def load_domain(spec: str, root: str | Path, train: bool, download: bool = True,
     """
     root = Path(root).expanduser()
     kind, _, path = spec.partition(":")
+    if kind in ("npz", "folder", "images") and path:
+        path = _located(path, root)
     if spec in BUILTIN_FILES:
         images, labels, classes = _builtin(spec, root, train, download)
         images = images.unsqueeze(1) if images.dim() == 3 else images
@@ -241,6 +254,6 @@ def load_domain(spec: str, root: str | Path, train: bool, download: bool = True,
     if kind == "folder" and path:
         return _folder(Path(path).expanduser(), train, test_fraction, split_seed, size)
     if kind == "images" and path:
-        return _images(path, train, size)
+        return _images(path, train, size, spec)
     raise DomainError(f"Unknown domain {spec!r}; expected one of {', '.join([*BUILTIN_FILES, *FOLDER_DOMAINS])}, "
                       f"npz:PATH, folder:PATH or images:PATH; use --data.source / --data.target")
