@@ -22,6 +22,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+MNIST_FILES = [f"MNIST/raw/{name}" for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+USPS_NPZ = "USPS/usps_esl_16x16.npz"
+
+
+def needs_shared(*files: str):
+    """Skip a test unless every file it reads is in ../shared/data (naming the missing ones)."""
+    missing = [f for f in files if not (SHARED / f).is_file()]
+    return pytest.mark.skipif(bool(missing), reason=f"../shared/data lacks {', '.join(missing)}")
 
 
 @pytest.fixture(params=["kernel", "torch"])

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from adamatch_uan.methods.base import optimizer_groups
-from adamatch_uan.norm import UAN, MixtureNorm, WithContext, convert_norms, frozen_stats
+from adamatch_uan.norm import UAN, BatchNorm, MixtureNorm, WithContext, convert_norms, frozen_stats
 
 
 def resnet18():
@@ -19,9 +19,9 @@ def resnet18():
 @pytest.mark.parametrize("norm", ["bn", "mn", "uan", "uan_ctx"])
 def test_a_torchvision_resnet18_takes_every_norm(norm):
     model = WithContext(convert_norms(resnet18(), norm))
-    expected = {"bn": nn.BatchNorm2d, "mn": MixtureNorm, "uan": UAN, "uan_ctx": UAN}[norm]
-    layers = [m for m in model.modules() if isinstance(m, expected)]
-    assert len(layers) == 20 and not any(type(m) is nn.BatchNorm2d for m in model.modules()) or norm == "bn"
+    expected = {"bn": BatchNorm, "mn": MixtureNorm, "uan": UAN, "uan_ctx": UAN}[norm]
+    layers = [m for m in model.modules() if type(m) is expected]
+    assert len(layers) == 20 and not any(type(m) is nn.BatchNorm2d for m in model.modules())  # every one converted
     x, context = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1])
     with frozen_stats(model):
         model(x, context)

@@ -59,7 +59,10 @@ def test_evaluation_loaders_in_order(pair):
     dm = DomainPairDataModule(*pair, eval_batch_size=100, max_target=3)
     dm.setup()
     val, test = dm.val_dataloader(), dm.test_dataloader()
-    assert [len(l.dataset) for l in val] == [4, 4] and [len(l.dataset) for l in test] == [10, 4]
+    assert [len(l.dataset) for l in val] == [4] and [len(l.dataset) for l in test] == [10, 4]  # no target labels
+    diagnostic = DomainPairDataModule(*pair, eval_batch_size=100, max_target=3, val_target=True)
+    diagnostic.setup()
+    assert [len(l.dataset) for l in diagnostic.val_dataloader()] == [4, 4]  # opt in: the target's test set
     assert len(dm.target_train) == 3
     assert next(iter(test[1]))[1].tolist() == [0, 1, 2, 3]
 

@@ -12,12 +12,13 @@ from PIL import Image
 from adamatch_uan.data import DomainError, load_domain, to_rgb32
 from adamatch_uan.data import domains
 
+from conftest import MNIST_FILES, SHARED, USPS_NPZ, needs_shared
+
 
 def parts(domain):
     """A Domain's (images, labels)."""
     return domain.images, domain.labels
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -200,7 +201,7 @@ def test_unknown_domain_lists_choices(tmp_path):
         load_domain("mnist-m", tmp_path, True)
 
 
-@pytest.mark.skipif(not (SHARED / "MNIST").is_dir(), reason="../shared/data is not present")
+@needs_shared(*MNIST_FILES[2:], USPS_NPZ)
 def test_real_mnist_and_usps_npz():
     images, labels = parts(load_domain("mnist", SHARED, False, download=False))
     check(images, labels, 10_000)

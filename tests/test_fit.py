@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED, fit, smoke_args
+from conftest import MNIST_FILES, ROOT, SHARED, USPS_NPZ, fit, needs_shared, smoke_args
 
 
 def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
@@ -184,7 +184,7 @@ def test_help_and_print_config(capsys):
     assert "GradientVariance" in insight and "every_n_steps: 7" in insight
 
 
-@pytest.mark.skipif(not (SHARED / "MNIST").is_dir(), reason="../shared/data is not present")
+@needs_shared(*MNIST_FILES, USPS_NPZ)
 def test_real_mnist_to_usps(tmp_path):
     run = tmp_path / "run"
     done = fit("--config", str(ROOT / "configs" / "smoke.yaml"), "--data.root", str(SHARED),
@@ -195,7 +195,9 @@ def test_real_mnist_to_usps(tmp_path):
                "--model.init_args.ema_decay", "0.95")
     assert done.returncode == 0, done.stderr[-3000:]
     test = json.loads((run / "results.json").read_text())["test"]
-    assert test["source"]["acc"] > 0.8 and test["target"]["acc"] > 0.3, test
+    # At this budget source-only reaches 42-48 % on USPS and AdaMatch 81-85 % (3 seeds each, docs/RESULTS.md,
+    # "The real-data smoke test's bound"): 65 % is a bound source-only does not reach.
+    assert test["source"]["acc"] > 0.8 and test["target"]["acc"] > 0.65, test
 
 
 def test_two_processes_train_one_run(data, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from adamatch_uan.models import make_backbone
-from adamatch_uan.norm.mixture import sample_positions
+from adamatch_uan.norm.mixture import sample_positions, spread_mixture
 from adamatch_uan.norm.mixture_fit import add_to_objective, component_shares, mixture_nll, stepwise_update
 
 MEANS, STDS, WEIGHTS = torch.tensor([-1.5, 1.0]), torch.tensor([0.3, 0.5]), torch.tensor([0.6, 0.4])  # overall
@@ -126,3 +126,6 @@ def test_the_likelihood_fit_moves_the_mixture_towards_the_activation_mixture():
 def test_the_task_gradient_alone_leaves_the_mixture_near_its_initialisation():
     means, stds, _ = train_input_mixture("gradient")
     assert (means - MEANS[:, None]).abs().max() > 0.3  # why the paper's inference rule fails (docs/RESULTS.md)
+    start = spread_mixture(2)[0].sort().values[:, None].expand(2, 3)
+    moved = (means - start).abs().max()
+    assert 1e-4 < moved < 0.3, moved  # the gradient reaches μ and moves it, a little

@@ -21,7 +21,8 @@ def duration(seconds: float) -> str:
 
 class TextProgress(L.Callback):
     """One line every ``every_n_steps`` training steps: step, loss, mask rate, lr, elapsed time and the time
-    left; one line per validation with its source (and target) accuracy.
+    left; one line per validation with its source accuracy (the one selection reads; a target set's,
+    when validation scores one, is a diagnostic left to the logs).
 
     Args:
         every_n_steps: the interval; None: about 20 lines over ``max_steps`` (every step for short runs).
@@ -60,7 +61,5 @@ class TextProgress(L.Callback):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        accuracies = [f"{name.split('/')[1]} acc {float(metrics[name]):.4f}" for name in sorted(metrics)
-                      if name.startswith("val/") and name.endswith("/acc")]
-        if accuracies:
-            self._say(f"validation at step {trainer.global_step}: {', '.join(accuracies)}")
+        if "val/source/acc" in metrics:
+            self._say(f"validation at step {trainer.global_step}: source acc {float(metrics['val/source/acc']):.4f}")

@@ -70,9 +70,9 @@ class DomainPairDataModule(DomainDataModule):
 
     The source defines the classes (``classes``); a labelled target's classes are mapped onto
     them by name (``data.classes``). Validation: the held-out part of the source training set
-    ("source"), then the target test set ("target") when the target is labelled; checkpoint
-    selection monitors the source set only. Test: the source and (labelled) target test sets,
-    in that order. ``target_train`` keeps the target's training images with where each came
+    ("source"), which checkpoint selection monitors; the target's test set only with
+    ``val_target`` (a diagnostic for learning curves, never for choosing: docs/METHOD.md,
+    "Selection protocol"). Test: the source and (labelled) target test sets, in that order. ``target_train`` keeps the target's training images with where each came
     from (the images a run adapts to, and predicts at its end).
 
     Args:
@@ -91,13 +91,15 @@ class DomainPairDataModule(DomainDataModule):
             but at least 32 (digits and CIFAR at 32×32, larger images at their size).
         split_seed: seed of the test splits made from npz files and folders without their own.
         seed: seed of the subsampling, the validation split and the samplers.
+        val_target: also score the (labelled) target's test set at each validation, as "target":
+            an opt-in diagnostic (learning curves); selection never reads it.
     """
 
     def __init__(self, source: str = "mnist", target: str = "svhn", root: str = str(DEFAULT_ROOT),
                  download: bool = True, batch_size: int = 64, uratio: int = 3, val_fraction: float = 0.1,
                  max_source: int | None = None, max_target: int | None = None, eval_batch_size: int = 256,
                  test_fraction: float = 0.2, image_size: int | None = None, split_seed: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, val_target: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         for name, value in (("batch_size", batch_size), ("uratio", uratio), ("eval_batch_size", eval_batch_size)):
@@ -146,7 +148,7 @@ class DomainPairDataModule(DomainDataModule):
         return [evaluation_loader(d.images, d.labels, self.hparams.eval_batch_size) for d in domains if d is not None]
 
     def val_dataloader(self) -> list[DataLoader]:
-        return self._loaders([self.source_val, self.target_test])
+        return self._loaders([self.source_val, self.target_test if self.hparams.val_target else None])
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._loaders([self.source_test, self.target_test])

@@ -312,7 +312,8 @@ class DomainAdaptationMethod(L.LightningModule):
         metrics = self.metrics[f"{stage}_{name}"]
         metrics.update(logits, labels)
         self.log(f"{stage}/{name}/loss", F.cross_entropy(logits, labels), add_dataloader_idx=False, sync_dist=True)
-        self.log_dict(metrics, add_dataloader_idx=False, prog_bar=stage == "val")
+        # Only the source's validation is shown: the target's is a diagnostic, never watched to choose.
+        self.log_dict(metrics, add_dataloader_idx=False, prog_bar=stage == "val" and name == "source")
         if stage == "test":
             self.confusion[name].update(logits, labels)
 

@@ -27,7 +27,8 @@ No public implementation exists; this one makes these choices:
   stably but stayed 2.4 and 5.4 points under BatchNorm on MNIST ↔ USPS at 500 steps, and
   fitted even the source worse; each change alone closed part of the gap, and both together
   brought it within a point (−0.32 and +0.17 points, paired over 3 seeds; docs/RESULTS.md,
-  "MN's defaults"). ``num_components=3, var_floor=0.01`` restores the earlier layer.
+  "MN's defaults"; exploratory: chosen on one of those seeds' target test sets, docs/METHOD.md,
+  "Selection protocol"). ``num_components=3, var_floor=0.01`` restores the earlier layer.
 - Running averages (momentum) of (λ, μ, σ²) and of (α, δ²) serve evaluation: τ from the
   running mixture, transform with the running α, δ².
 - Which mixture gives τ in training (``tau_from``): ``"fit"``, the batch's own EM fit (Kalayeh &

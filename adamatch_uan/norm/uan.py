@@ -50,7 +50,8 @@ class UAN(nn.Module):
     momentum fit makes it describe the activations and the two rules agree, but training with
     that moving τ was 0.8 and 3.0 points under training with the paper's fit and evaluating
     with the running rule, paired over three seeds on MNIST → USPS and USPS → MNIST
-    (docs/RESULTS.md, "the tables"). ``mixture_fit="momentum", inference="learned"`` is the
+    (docs/RESULTS.md, "the tables"; exploratory: the switch was decided on those seeds' target
+    test sets, docs/METHOD.md, "Selection protocol"). ``mixture_fit="momentum", inference="learned"`` is the
     earlier default, kept as a named configuration (``configs/*_uan_momentum.yaml``).
 
     ``var_floor`` keeps any component from normalizing by less than sqrt(var_floor) of the

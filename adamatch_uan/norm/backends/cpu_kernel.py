@@ -118,13 +118,33 @@ def _backward_sums(ctx, g_sums, g_shift, g_work):
     return dx, None, g_weight, g_mu, g_var, None, None, None
 
 
-@functools.cache
 def ops():
     """``torch.ops.adamatch_uan`` with the kernel loaded and its autograd and fake implementations
-    registered (once per process), or None when the kernel is off or failed to build (``build.load``)."""
+    registered (once per process), or None when the kernel is off or failed to build (``build.load``).
+
+    Raises:
+        KernelBuildError: the build failed and ``ADAMATCH_UAN_KERNEL=1`` (the same error at every call:
+            one build attempt per process).
+    """
+    if _build_error is not None:
+        raise _build_error
+    return _load()
+
+
+_build_error: Exception | None = None
+
+
+@functools.cache
+def _load():
+    global _build_error
     from adamatch_uan.norm.backends import build  # not at import: `python -m ...backends.build` runs it as __main__
 
-    if build.load() is None:
+    try:
+        path = build.load()
+    except build.KernelBuildError as error:
+        _build_error = error
+        raise
+    if path is None:
         return None
     library = torch.ops.adamatch_uan
     for name, fake in (("mixture_forward", _fake_forward), ("mixture_backward", _fake_backward),
