@@ -1,7 +1,13 @@
-"""Training throughput of one AdaMatch step for bn, mn and uan, in one run.
+"""Training step time of AdaMatch (and plain classification) for bn, mn and uan in each mode, in one run.
 
-    python benchmarks/train_throughput.py [--batch 32] [--uratio 3] [--rounds 3] [--steps 4]
+    python benchmarks/train_throughput.py [--batch 32] [--uratio 3] [--rounds 2] [--steps 4] [--modes ...]
     python benchmarks/train_throughput.py --device cuda [--backbones shallow_cnn wide_resnet]
+
+Modes: float32 or bf16 autocast (Lightning's ``bf16-mixed``) × torch's default layout (NCHW) or
+channels-last (NHWC, ``channels_last=True``), and bf16 channels-last with ``torch.compile`` of the
+backbone. The table gives each norm's median step and its speed-up over the same norm's float32
+NCHW step, and UAN/BN and MN/BN throughput within each mode; plain classification
+(``supervised/shallow_cnn``) trains on B·(1 + uratio) labelled images per step.
 
 On CUDA each step is also split, with the device synchronised between the parts, into the
 augmentation (weak and strong views of both domains), the two forward passes (source-only and
@@ -71,6 +77,11 @@ def split_step_times(backbone: str, norm: str, device: str, batch: int, uratio: 
     return {part: statistics.median(v) for part, v in times.items()}
 
 NORMS = ["bn", "mn", "uan"]
+# (name, Lightning precision, channels-last model and inputs, torch.compile of the backbone)
+MODES = {"fp32-nchw": ("32-true", False, False), "fp32-nhwc": ("32-true", True, False),
+         "bf16-nchw": ("bf16-mixed", False, False), "bf16-nhwc": ("bf16-mixed", True, False),
+         "bf16-nhwc-compiled": ("bf16-mixed", True, True)}
+BASELINE = "fp32-nchw"
 
 
 class StepTimer(L.Callback):
@@ -85,19 +96,54 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter() - self.start)
 
 
-def batches(steps: int, batch: int, uratio: int) -> DataLoader:
-    make = lambda n: torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    data = [{"source": (make(batch), torch.randint(0, 10, (batch,))), "target": make(batch * uratio)}
+def batches(steps: int, batch: int, uratio: int, labelled_only: bool) -> DataLoader:
+    make = lambda n: torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)  # noqa: E731
+    data = [{"source": (make(batch), torch.randint(0, 10, (batch,))), **({} if labelled_only else {"target": make(batch * uratio)})}
             for _ in range(steps)]
     return DataLoader(data, batch_size=None)
+
+
+def fit_times(method: str, backbone: str, norm: str, mode: str, data: DataLoader, steps: int) -> list[float]:
+    """Step times of a short fit (the first step, warm-up, not timed)."""
+    from adamatch_uan.methods import Supervised
+
+    precision, nhwc, compiled = MODES[mode]
+    cls = AdaMatch if method == "adamatch" else Supervised
+    module = cls(backbone=backbone, norm=norm, norm_at="all", channels_last=nhwc)
+    if compiled:
+        module.model.compile()
+    timer = StepTimer()
+    trainer = L.Trainer(max_steps=steps + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", precision=precision, callbacks=[timer])
+    trainer.fit(module, data)
+    return timer.times
+
+
+def markdown(rows: dict, modes: list[str]) -> str:
+    """Per (method, backbone): a row per mode, each norm's step (ms) and speed-up over its fp32-nchw step,
+    and UAN/BN and MN/BN throughput within the mode."""
+    lines = ["| method, backbone | mode | " + " | ".join(f"{n} step ms (× fp32-nchw)" for n in NORMS)
+             + " | UAN/BN | MN/BN |", "|---|---|" + "---:|" * (len(NORMS) + 2)]
+    for key, by_mode in rows.items():
+        for mode in modes:
+            if mode not in by_mode:
+                continue
+            row = by_mode[mode]
+            cells = [f"{1e3 * row[n]['median_step_s']:.0f} ({row[n]['speedup']:.2f}×)" for n in NORMS]
+            lines.append(f"| {key} | {mode} | " + " | ".join(cells)
+                         + f" | {row['uan']['throughput_vs_bn']:.2f} | {row['mn']['throughput_vs_bn']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--uratio", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per fit (plus one warm-up)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--runs", nargs="+", default=["adamatch/shallow_cnn", "supervised/shallow_cnn", "adamatch/wide_resnet"],
+                        help="method/backbone pairs (supervised: plain classification, batch × (1 + uratio) images)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backbones", nargs="+", default=["shallow_cnn", "wide_resnet"],
                         help="backbones of the split step (--device cuda, or --split)")
@@ -107,30 +153,40 @@ def main() -> None:
     if args.device == "cuda" or args.split:
         return split_main(args)
     torch.manual_seed(0)
-    data = batches(args.steps + 1, args.batch, args.uratio)
-    times: dict[str, list[float]] = {norm: [] for norm in NORMS}
-    for _ in range(args.rounds):
-        for norm in NORMS:
-            timer = StepTimer()
-            trainer = L.Trainer(max_steps=args.steps + 1, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                                callbacks=[timer])
-            trainer.fit(AdaMatch(backbone="shallow_cnn", norm=norm, norm_at="all"), data)
-            times[norm].extend(timer.times)
     images = args.batch * (1 + args.uratio)
-    rows = {norm: {"median_step_s": statistics.median(t), "images_per_s": images / statistics.median(t)}
-            for norm, t in times.items()}
-    for row in rows.values():
-        row["throughput_vs_bn"] = row["images_per_s"] / rows["bn"]["images_per_s"]
+    rows: dict[str, dict] = {}
+    for run in args.runs:
+        method, backbone = run.split("/")
+        # Plain classification trains on as many labelled images per step as AdaMatch's source + target.
+        data = batches(args.steps + 1, images if method == "supervised" else args.batch, args.uratio,
+                       labelled_only=method == "supervised")
+        steps = args.steps if backbone == "shallow_cnn" else max(args.steps // 2, 2)
+        times = {(mode, norm): [] for mode in args.modes for norm in NORMS}
+        for _ in range(args.rounds):  # rounds alternate modes and norms so machine noise hits them alike
+            for mode in args.modes:
+                for norm in NORMS:
+                    times[(mode, norm)].extend(fit_times(method, backbone, norm, mode, data, steps))
+        by_mode: dict[str, dict] = {}
+        for (mode, norm), t in times.items():
+            by_mode.setdefault(mode, {})[norm] = {"median_step_s": statistics.median(t), "images_per_s": images / statistics.median(t),
+                                                  "steps_timed": len(t)}
+        for mode, row in by_mode.items():
+            for norm, entry in row.items():
+                entry["throughput_vs_bn"] = entry["images_per_s"] / row["bn"]["images_per_s"]
+                base = by_mode.get(BASELINE, {}).get(norm)
+                entry["speedup"] = base["median_step_s"] / entry["median_step_s"] if base else float("nan")
+        rows[f"{method}, {backbone}"] = by_mode
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "batch": args.batch, "uratio": args.uratio, "timed_steps_per_norm": len(times["bn"]), "rows": rows}
+              "machine": f"{platform.machine()}, {platform.processor() or ''} {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}",
+              "command": "python benchmarks/train_throughput.py " + " ".join(__import__("sys").argv[1:]),
+              "batch": args.batch, "uratio": args.uratio, "rounds": args.rounds, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'norm':<6}{'step s':>10}{'images/s':>12}{'vs bn':>8}")
-    for norm, row in rows.items():
-        print(f"{norm:<6}{row['median_step_s']:>10.3f}{row['images_per_s']:>12.1f}{row['throughput_vs_bn']:>8.2f}")
-    print(f"written to {args.out}")
+    table = markdown(rows, args.modes)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"written to {args.out} and {args.out.with_suffix('.md')}")
 
 
 def split_main(args) -> None:

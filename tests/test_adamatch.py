@@ -269,3 +269,17 @@ def test_a_confidence_equal_to_the_threshold_passes_the_mask():
     assert method.logged["train/threshold"] == tau
     assert method.logged["train/mask_rate"] == pytest.approx(float((confidence >= confidence[0]).float().mean()))
     assert (confidence > confidence[0]).float().mean() < (confidence >= confidence[0]).float().mean()
+
+
+@pytest.mark.parametrize("norm", ["bn", "mn", "uan", "uan_ctx"])
+def test_one_step_in_bfloat16_mixed_precision_channels_last_for_every_norm(norm):
+    method = AdaMatch(num_classes=2, norm=norm, channels_last=True)
+    before = [p.clone() for p in method.model.parameters()]
+    trainer = quiet_trainer(max_steps=2, precision="bf16-mixed")
+    trainer.fit(method, toy_train_batches(2, source=4, target=4))
+    metrics = trainer.callback_metrics
+    assert all(torch.isfinite(metrics[f"train/{k}"]) for k in ("loss_source", "loss_target", "mask_rate"))
+    assert all(p.dtype == torch.float32 for p in method.model.parameters())  # weights stay float32
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.model.parameters()))
+    conv = method.model.convs[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)

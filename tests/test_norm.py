@@ -93,3 +93,64 @@ def test_bf16_autocast_keeps_input_dtype_and_float32_statistics(name):
     torch.testing.assert_close(y.float(), expected(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
     for buf in layer.buffers():
         assert buf.dtype in (torch.float32, torch.int64)
+
+
+def assert_close_to_scale(got, want, rel, name=""):
+    """|got − want| ≤ rel × max|want| everywhere: sums over many terms (a parameter's gradient) that nearly
+    cancel differ by their terms' rounding, which is small against the tensor's scale, not the entry's."""
+    gap, scale = (got.float() - want.float()).abs().max(), want.float().abs().max()
+    assert gap <= rel * scale + 1e-7, f"{name}: max |Δ| {gap:.3g} against a scale of {scale:.3g}"
+
+
+def layer_step(layer, x, context):
+    """Training-mode forward and backward of a copy of ``layer``: y, ∂L/∂x and every parameter's gradient."""
+    import copy
+
+    layer = copy.deepcopy(layer).train()
+    x = x.detach().requires_grad_()
+    y = layer(x, context) if context is not None else layer(x)
+    (y.float().square() * torch.linspace(0.5, 1.5, y.numel()).view_as(y)).sum().backward()
+    return y, x.grad, [p.grad for p in layer.parameters()], layer
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_channels_last_gives_the_nchw_result_in_channels_last(backend, name):
+    torch.manual_seed(0)
+    layer = make_norm(name, 6, **({"max_samples": 10**6} if name != "bn" else {}))  # every position: no random draw
+    x = torch.randn(8, 6, 5, 7) * 2 + 1
+    context = torch.arange(8) % 2 if name == "uan_ctx" else None
+    y, gx, grads, trained = layer_step(layer, x, context)
+    y_cl, gx_cl, grads_cl, trained_cl = layer_step(layer, x.contiguous(memory_format=torch.channels_last), context)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()  # written NHWC
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_cl, gx, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_cl, grads):  # float32 sums in another order
+        assert_close_to_scale(a, b, 1e-4, "a parameter's gradient")
+    for (key, a), b in zip(trained_cl.state_dict().items(), trained.state_dict().values()):  # running statistics
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+    trained.eval(), trained_cl.eval()
+    with torch.no_grad():
+        args = (context,) if context is not None else ()
+        torch.testing.assert_close(trained_cl(x.contiguous(memory_format=torch.channels_last), *args),
+                                   trained(x, *args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("name", LAYERS)
+def test_bfloat16_inputs_give_the_float32_result_to_bfloat16_precision(backend, name, memory_format):
+    """Statistics in float32 whatever the input's dtype: a bf16 input's output and gradients are the float32
+    layer's on the same (bf16-rounded) values, to bf16's precision: 2⁻⁸ relative per element (2 % allowed),
+    and for gradients, sums of such terms, 4 % of the tensor's scale (torch's BatchNorm is 2.3 % off here)."""
+    torch.manual_seed(0)
+    layer = make_norm(name, 6, **({"max_samples": 10**6} if name != "bn" else {}))
+    x = (torch.randn(8, 6, 5, 7) * 2 + 1).bfloat16().float()  # values bf16 holds exactly
+    context = torch.arange(8) % 2 if name == "uan_ctx" else None
+    y, gx, grads, _ = layer_step(layer, x.contiguous(memory_format=memory_format), context)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, gx16, grads16, _ = layer_step(layer, x.bfloat16().contiguous(memory_format=memory_format), context)
+    assert y16.dtype == torch.bfloat16 and gx16.dtype == torch.bfloat16
+    assert torch.isfinite(y16.float()).all() and torch.isfinite(gx16.float()).all()
+    torch.testing.assert_close(y16.float(), y, rtol=0.02, atol=0.02)
+    assert_close_to_scale(gx16, gx, 0.04, "∂L/∂x")
+    for a, b in zip(grads16, grads):
+        assert_close_to_scale(a, b, 0.04, "a parameter's gradient")

@@ -128,3 +128,34 @@ def test_a_layer_on_the_dispatcher_takes_the_triton_path_and_trains_alike(name, 
     for a, b in zip(*results):
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+def test_the_self_check_passes_on_the_triton_kernels():
+    from adamatch_uan.norm import backends
+
+    assert backends.self_check(triton_ops, DEVICE) is None
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong"])
+def test_a_failed_self_check_warns_once_and_falls_back_to_torch_ops(monkeypatch, failure):
+    from adamatch_uan.norm import backends
+
+    def broken(*args):  # a launch that fails, or kernels that compute something else
+        if failure == "raises":
+            raise RuntimeError("simulated launch failure")
+        return tuple(t * 1.01 for t in torch_ops.TorchTransform.apply(*args))
+
+    monkeypatch.setattr(triton_ops, "transform", broken)
+    monkeypatch.delenv("ADAMATCH_UAN_TRITON", raising=False)
+    backends._triton.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"(?s)self-check.*Cause: .*(simulated launch failure|differ).*ADAMATCH_UAN_TRITON=0"):
+            assert backends._triton() is None
+        assert backends._triton() is None  # cached: warned once
+        assert backends.backend("cuda", 3).startswith("torch ops")
+        monkeypatch.setenv("ADAMATCH_UAN_TRITON", "1")
+        backends._triton.cache_clear()
+        with pytest.raises(backends.TritonCheckError, match="self-check"):
+            backends._triton()
+    finally:
+        backends._triton.cache_clear()

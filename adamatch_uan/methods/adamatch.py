@@ -118,7 +118,8 @@ class AdaMatch(DomainAdaptationMethod):
         (source_images, labels), target_images = batch["source"], batch["target"]
         source, target = self.views(source_images), self.views(target_images)
         B, U = len(source_images), len(target_images)
-        source_logits, target_logits, gap = self.forward_passes(source, target)
+        # Losses, thresholds and alignment in float32 whatever precision the passes ran in.
+        source_logits, target_logits, gap = (t.float() for t in self.forward_passes(source, target))
         source_weak, source_strong = source_logits[:B], source_logits[B:]
         target_weak, target_strong = target_logits[:U], target_logits[U:]
 

@@ -126,6 +126,9 @@ class DomainAdaptationMethod(L.LightningModule):
         eval_names: a name per evaluation dataloader, in order (from the data on the command line).
         target_context: the context id target images get in evaluation and prediction: the source
             id (0, the authors' rule) or the target's (1). Only context-aware norms read it.
+        channels_last: keep the model and its inputs in ``torch.channels_last`` (NHWC): the layout
+            the CPU's convolutions (and the mixture kernel) run fastest in; the results are the
+            same up to floating-point summation order.
         eval_contexts: the context id given to each evaluation set (default: ``target_context``
             for the set named "target", the source id for the others).
     """
@@ -136,7 +139,8 @@ class DomainAdaptationMethod(L.LightningModule):
                  ema_decay: float | None = 0.999, lr_schedule: str = "adamatch", flip: bool = False, strong_ops: int = 2, cutout: int = 16,
                  image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
                  eval_contexts: Sequence[int] | None = None, backbone_options: dict | None = None,
-                 class_names: Sequence[str] | None = None, target_context: int = SOURCE) -> None:
+                 class_names: Sequence[str] | None = None, target_context: int = SOURCE,
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         if eval_contexts is not None and len(eval_contexts) != len(eval_names):
@@ -149,6 +153,8 @@ class DomainAdaptationMethod(L.LightningModule):
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self.model = make_backbone(backbone, num_classes, norm=norm, norm_at=norm_at, norm_options=norm_options,
                                    **(backbone_options or {}))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}, got {lr_schedule!r}; use --model.init_args.lr_schedule")
         self.ema = None
@@ -175,18 +181,27 @@ class DomainAdaptationMethod(L.LightningModule):
         self.confusion_matrices: dict[str, list[list[int]]] = {}
 
     # ---- training helpers ----
+    # Inputs and views are made in float32 even under autocast (bf16-mixed): kornia's warps and colour
+    # ops on bfloat16 would round the images; the model's layers then run in the autocast dtype. They
+    # come in the model's memory format (channels-last when the model is), so no layer converts them.
+    def _model_format(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
     def inputs(self, images: Tensor) -> Tensor:
         """uint8 or [0, 1] images → model input scale (no augmentation)."""
-        return to_model_input(to_unit(images))
+        with torch.autocast(images.device.type, enabled=False):
+            return self._model_format(to_model_input(to_unit(images)))
 
     def weak_views(self, images: Tensor) -> Tensor:
         """uint8 images (N, ...) → weak views at model input scale (N, ...)."""
-        return to_model_input(self.augment.weak(to_unit(images)))
+        with torch.autocast(images.device.type, enabled=False):
+            return self._model_format(to_model_input(self.augment.weak(to_unit(images))))
 
     def views(self, images: Tensor) -> Tensor:
         """uint8 images (N, ...) → model inputs (2N, ...): the weak views, then the strong views."""
-        unit = to_unit(images)
-        return to_model_input(torch.cat([self.augment.weak(unit), self.augment.strong(unit)]))
+        with torch.autocast(images.device.type, enabled=False):
+            unit = to_unit(images)
+            return self._model_format(to_model_input(torch.cat([self.augment.weak(unit), self.augment.strong(unit)])))
 
     @property
     def total_steps(self) -> int:
@@ -294,7 +309,7 @@ class DomainAdaptationMethod(L.LightningModule):
                              f"run did")
         ids = torch.full((len(images),), self.hparams.target_context if context is None else context,
                          device=images.device)
-        return self.evaluated_model(self.inputs(images), ids)
+        return self.evaluated_model(self.inputs(images), ids).float()
 
     def predict_step(self, batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities (N, K) of a batch of images (or of (images, ...) tuples), as ``forward``."""
@@ -308,7 +323,7 @@ class DomainAdaptationMethod(L.LightningModule):
         images, labels = batch
         name = self.eval_names[dataloader_idx]
         context = torch.full((len(images),), self.eval_contexts[dataloader_idx], device=images.device)
-        logits = self.evaluated_model(self.inputs(images), context)
+        logits = self.evaluated_model(self.inputs(images), context).float()  # metrics and loss in float32
         metrics = self.metrics[f"{stage}_{name}"]
         metrics.update(logits, labels)
         self.log(f"{stage}/{name}/loss", F.cross_entropy(logits, labels), add_dataloader_idx=False, sync_dist=True)

@@ -15,7 +15,7 @@ class SourceOnly(DomainAdaptationMethod):
     def training_step(self, batch, batch_idx):
         images, labels = batch["source"]
         context = torch.full((len(images),), SOURCE, device=images.device)
-        loss = F.cross_entropy(self.model(self.weak_views(images), context), labels)
+        loss = F.cross_entropy(self.model(self.weak_views(images), context).float(), labels)  # float32 loss
         self.loss_terms = {"source": loss}  # read by GradientVariance(split=True)
         self.log_dict({"train/loss": loss, "train/loss_source": loss,
                        "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}, on_step=True)

@@ -105,10 +105,32 @@ def validate_context(context: Tensor | None, n: int, groups: int, device: torch.
     return context.to(device=device, dtype=torch.int64).contiguous()
 
 
-def positions(x: Tensor) -> Tensor:
-    """(N, C, *spatial) → the (N, C, P) view the passes read, P = the product of the spatial sizes (1
-    for (N, C)); an empty batch too."""
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+def channels_last(x: Tensor) -> bool:
+    """Whether ``x`` (N, C, H, W) is laid out channels-last (and not also in torch's default layout)."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+def positions(x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The (N', C, P) view of ``x`` the passes read, and each of its rows' context.
+
+    (N, C, *spatial) in torch's default layout → (N, C, P), P the product of the spatial sizes (1
+    for (N, C); an empty batch too). A channels-last (N, C, H, W) → (N·H·W, C, 1): each position a
+    row of C channel values, which is how its memory lies, so the view copies nothing; each sample's
+    context is repeated over its positions. Statistics over rows and positions are the same either way.
+    """
+    if channels_last(x):
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c, 1)
+        return rows, None if context is None else context.repeat_interleave(h * w)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])), context
+
+
+def from_positions(y: Tensor, like: Tensor) -> Tensor:
+    """``positions``' inverse: y (N', C, P) back to the shape and layout of ``like``."""
+    if channels_last(like):
+        n, c, h, w = like.shape
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+    return y.reshape(like.shape)
 
 
 def spread_mixture(num_components: int) -> tuple[Tensor, float]:
@@ -182,7 +204,9 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
     context = validate_context(context, n, mixture[0].shape[0], x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext():
-        x3 = positions(x).to(compute).contiguous()
+        # float32 statistics for bfloat16/float16 inputs: converted at the layer's edges (docs/RESULTS.md)
+        x3, context = positions(x, context)
+        x3 = x3.to(compute).contiguous()
         gamma = weight if weight is not None else torch.ones(c, device=x.device)
         beta = bias if bias is not None else torch.zeros(c, device=x.device)
         given = (None, None) if stats is None else stats
@@ -193,7 +217,7 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
             return _synced(x3, x, context, eps, floors, running, batch_stats, tensors, group)
         out = backends.transform(x3, context, eps, floors, running, batch_stats, *tensors)
     batch = BatchStats(*out[1:]) if len(out) > 1 else None
-    return out[0].reshape(x.shape).to(x.dtype), batch
+    return from_positions(out[0].to(x.dtype), x), batch
 
 
 def _synced(x3: Tensor, x: Tensor, context: Tensor | None, eps: float, floors, running: backends.Running | None,
@@ -210,4 +234,4 @@ def _synced(x3: Tensor, x: Tensor, context: Tensor | None, eps: float, floors, r
     (y,) = backends.transform(x3, context, eps, floors, None, False, weight_param, mu, var_param, gamma, beta,
                             alpha.contiguous(), delta2.contiguous(), delta2_floor)
     batch = BatchStats(count, alpha.detach(), delta2.detach()) if batch_stats else None
-    return y.reshape(x.shape).to(x.dtype), batch
+    return from_positions(y.to(x.dtype), x), batch

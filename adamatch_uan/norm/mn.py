@@ -183,7 +183,7 @@ class MixtureNorm(nn.Module):
 
     @torch.no_grad()
     def _fit(self, x: Tensor) -> None:
-        _, sampled = sample_positions(positions(x.detach().float()), self.max_samples)
+        _, sampled = sample_positions(positions(x.detach().float())[0], self.max_samples)
         values = sampled.T.contiguous()  # (C, S)
         synced = self.sync_stats and distributed(self.process_group)
         if synced:  # every process's samples: the same start and fit on all

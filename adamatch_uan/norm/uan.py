@@ -180,7 +180,7 @@ class UAN(nn.Module):
         return mixture_normalize(x, learned, self.weight, self.bias, self.eps, context, stats, delta2_floor=floor)[0]
 
     def _train_forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        x3 = positions(x) if x.dim() >= 2 else x
+        x3, row_context = positions(x, context) if x.dim() >= 2 else (x, context)
         likelihood = self.mixture_fit == "likelihood" and self.likelihood_weight > 0 and torch.is_grad_enabled()
         momentum = self.mixture_fit == "momentum"
         floor = shares = None
@@ -197,12 +197,12 @@ class UAN(nn.Module):
             floor = self.var_floor * channel_var if self.var_floor > 0 else None
             _, log_weight, var = parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)
             if likelihood and len(values):
-                nll = mixture_nll(values, rows, log_weight, self.mean, var, context)
+                nll = mixture_nll(values, rows, log_weight, self.mean, var, row_context)
                 self.last_nll = nll.detach()
                 x = add_to_objective(x, nll, self.likelihood_weight)
             if momentum:
                 group = self.process_group if synced else False
-                shares = component_shares(values, rows, log_weight, self.mean, var, context, group)
+                shares = component_shares(values, rows, log_weight, self.mean, var, row_context, group)
         # Momentum writes the parameters in place below: the transform saves copies of them for its backward.
         params = [p.clone() if momentum else p for p in self.mixture_parameters()]
         # The transform differentiates through the parametrisation itself (one autograd node).

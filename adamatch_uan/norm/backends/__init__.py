@@ -35,7 +35,9 @@ inputs with K ≤ ``MAX_COMPONENTS``. Everything else, and every input when the 
 sets ``ADAMATCH_UAN_KERNEL=0`` or the build fails (with a loud warning), runs on the
 torch-ops backend, which materialises (N, K, C, P) tensors. CUDA inputs with K ≤
 ``MAX_COMPONENTS`` run on the Triton kernels when Triton imports (``ADAMATCH_UAN_TRITON=0``
-turns them off), else on torch ops. :func:`torch_ops_only` makes every call in its block
+turns them off), else on torch ops; on first use they run a self-check against torch ops (a
+tiny problem, float32 and bfloat16 inputs), and a failure warns once, loudly, and falls back to
+torch ops (``ADAMATCH_UAN_TRITON=1`` makes it an error). :func:`torch_ops_only` makes every call in its block
 run on torch ops (the form ``export.py`` writes, which needs torch alone).
 """
 
@@ -45,6 +47,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -70,14 +73,63 @@ def kernel_available() -> bool:
     return cpu_kernel.ops() is not None
 
 
+TRITON_FIX = ("ADAMATCH_UAN_TRITON=0 chooses torch ops without this check; ADAMATCH_UAN_TRITON=1 makes a failed "
+              "check an error")
+
+
+class TritonCheckError(RuntimeError):
+    """The Triton kernels failed their self-check and ``ADAMATCH_UAN_TRITON=1`` asked for them."""
+
+
+def self_check(triton_ops, device: torch.device | str) -> str | None:
+    """Run the Triton passes on a tiny problem on ``device`` (float32 and bfloat16 inputs, batch statistics and
+    given ones, forward and backward) against torch ops; return why they fail, or None."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+        for dtype in (torch.float32, torch.bfloat16):
+            for given in (False, True):
+                x = rand(4, 3, 5).to(dtype).float().requires_grad_()
+                tables = [rand(1, 2, 3), rand(2, 3), rand(2, 3), rand(3) + 1, rand(3)]
+                stats = [rand(2, 3), rand(2, 3).abs() + 0.1] if given else [None, None]
+                results = []
+                for run in (triton_ops.transform, torch_ops.TorchTransform.apply):
+                    leaves = [t.detach().clone().requires_grad_() for t in (x, *tables)]
+                    (y,) = run(leaves[0], None, 1e-5, (0.01, 0.05), None, False, *leaves[1:], *stats, None)[:1]
+                    y.square().sum().backward()
+                    results.append([y.detach(), *(t.grad for t in leaves)])
+                for got, want in zip(*results):
+                    if not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+                        return f"its results differ from torch ops by up to {(got - want).abs().max().item():.2e}"
+    except Exception as error:  # a compiler, driver or launch failure: any of them means "not usable here"
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
 @functools.cache
 def _triton():
-    """The Triton backend's module, or None (no Triton, or ``ADAMATCH_UAN_TRITON=0``)."""
-    if os.environ.get("ADAMATCH_UAN_TRITON", "1") == "0":
+    """The Triton backend's module once it passed its self-check on the GPU, or None (no Triton,
+    ``ADAMATCH_UAN_TRITON=0``, or a failed check: warned once, loudly, with the cause and the fix).
+
+    Raises:
+        TritonCheckError: a failed check with ``ADAMATCH_UAN_TRITON=1``.
+    """
+    policy = os.environ.get("ADAMATCH_UAN_TRITON", "")
+    if policy == "0":
         return None
     try:
         from adamatch_uan.norm.backends import triton_ops
-    except ImportError:
+    except ImportError as error:
+        if policy == "1":
+            raise TritonCheckError(f"ADAMATCH_UAN_TRITON=1 but Triton does not import: {error}") from error
+        return None
+    cause = self_check(triton_ops, "cuda" if torch.cuda.is_available() else "cpu")
+    if cause is not None:
+        if policy == "1":
+            raise TritonCheckError(f"The Triton kernels failed their self-check: {cause}")
+        warnings.warn(f"\n{'=' * 78}\nThe Triton kernels failed their self-check on this GPU, so MN and UAN layers on "
+                      f"CUDA run on torch ops (slower, same results).\nCause: {cause}\n{TRITON_FIX}\n{'=' * 78}",
+                      stacklevel=2)
         return None
     return triton_ops
 

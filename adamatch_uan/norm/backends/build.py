@@ -37,7 +37,7 @@ import torch
 
 SOURCES = ("mixture_kernel.cpp", "mixture_ops.cpp")
 HEADER = "mixture_kernel.h"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math"]
 FIX = ("Fix: install a C++ compiler (Debian: apt-get install g++) and run `python -m adamatch_uan.norm.backends.build` "
        "for the full error; ADAMATCH_UAN_KERNEL=0 chooses the torch-ops backend without this warning, "
