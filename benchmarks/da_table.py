@@ -1,7 +1,8 @@
 """The domain-adaptation table: method × norm × seed through the real CLI, one run at a time, resumable.
 
-    python benchmarks/da_table.py --pair mnist_usps --seeds 0 1 2 [--rows bn uan ...] [--steps 500]
+    python benchmarks/da_table.py --pair mnist_usps --seeds 0 1 2 [--rows bn uan ...] [--steps 500] [--mode bf16-nhwc]
     python benchmarks/da_table.py --pair mnist_usps --aggregate-only
+    python benchmarks/da_table.py --pair mnist_usps --guard fp32-nchw bf16-nhwc   # paired modes, same seeds
 
 Each run is ``python -m adamatch_uan.fit --config configs/<pair>_<row>.yaml`` at the budget of
 docs/RESULTS.md (batch 32 source + 96 target images, ``--steps`` steps with the schedules
@@ -9,10 +10,13 @@ spanning them, EMA 0.99, validation every 100 steps on 8 batches), seeded by
 ``--seed_everything`` and ``--data.seed`` (model, augmentations, validation split and
 sampling all move with the seed). The test numbers are those of the checkpoint selected on
 *source* validation accuracy (``fit``'s best checkpoint; target labels are never used to
-select). Each run's summary is written to
-``benchmarks/results/da_table/<pair>-<steps>steps/<row>-seed<seed>.json`` (committed, so a
-sweep can span machines); a run whose summary exists is skipped, a run that stopped on a
-non-finite loss is recorded as diverged. The aggregate, mean ± sample std over seeds and
+select). ``--mode`` runs every cell in one precision and layout (``MODES``: the legacy table
+has none; ``fp32-nchw`` and ``bf16-nhwc`` are today's code in float32 and in bf16 autocast with
+channels-last), and ``--guard A B`` prints the paired per-seed difference B − A of each row's
+target accuracy. Each run's summary is written to
+``benchmarks/results/da_table/<pair>-<steps>steps[-<mode>]/<row>-seed<seed>.json`` (committed, so
+a sweep can span machines); a run whose summary exists is skipped, a run that was interrupted
+resumes from its last checkpoint, a run that stopped on a non-finite loss is recorded as diverged. The aggregate, mean ± sample std over seeds and
 every seed, with each row's per-seed difference from BN, goes to
 ``benchmarks/results/da_table_<pair>-<steps>steps.{json,md}`` and is printed.
 """
@@ -57,6 +61,10 @@ PAIRS = {  # pair -> data arguments given the data root
     "usps_mnist": lambda root: ["--data.source", f"npz:{Path(root) / USPS_NPZ}", "--data.target", "mnist"],
 }
 METRICS = ("acc", "f1")
+MODES = {  # mode -> the fit arguments that make it
+    "fp32-nchw": [],
+    "bf16-nhwc": ["--trainer.precision", "bf16-mixed", "--model.init_args.channels_last", "true"],
+}
 
 
 def budget(steps: int) -> list[str]:
@@ -65,10 +73,11 @@ def budget(steps: int) -> list[str]:
             "--trainer.enable_progress_bar", "false"]
 
 
-def command(pair: str, row: str, seed: int, steps: int, data_root: str, run_dir: Path) -> list[str]:
+def command(pair: str, row: str, seed: int, steps: int, data_root: str, run_dir: Path, mode: str | None = None) -> list[str]:
     return [sys.executable, "-m", "adamatch_uan.fit", "--config", str(Path("configs") / f"{pair}_{row}.yaml"),
             "--data.root", data_root, "--data.download", "false", *PAIRS[pair](data_root), *budget(steps),
-            "--seed_everything", str(seed), "--data.seed", str(seed), "--run_dir", str(run_dir)]
+            *(MODES[mode] if mode else []), "--seed_everything", str(seed), "--data.seed", str(seed),
+            "--run_dir", str(run_dir)]
 
 
 def portable(text: str) -> str:
@@ -98,6 +107,19 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
+def resume_arguments(run_dir: Path) -> list[str]:
+    """``--ckpt_path`` of an interrupted run's latest checkpoint, so it goes on where it stopped; a run that
+    never saved one starts again (its directory removed: it holds nothing to keep)."""
+    if not run_dir.exists():
+        return []
+    saved = [run_dir / "checkpoints" / name for name in ("on_exception.ckpt", "last.ckpt")]
+    saved = [p for p in saved if p.is_file()]
+    if not saved:
+        shutil.rmtree(run_dir)
+        return []
+    return ["--ckpt_path", str(max(saved, key=lambda p: p.stat().st_mtime_ns))]
+
+
 def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
              extra: Callable[[Path], dict] | None = None) -> dict:
     """One cell of a sweep: train and test through ``args`` (the CLI) unless the summary at ``path``
@@ -105,14 +127,15 @@ def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
     metrics, and ``extra(run_dir)``). A run that stopped on a non-finite loss is "diverged"."""
     if path.exists():
         return json.loads(path.read_text())
-    if run_dir.exists() and not (run_dir / "results.json").exists():
-        shutil.rmtree(run_dir)  # an interrupted run starts again
     started = time.time()
-    done = None
+    done, run_args = None, args
     if not (run_dir / "results.json").exists():
-        print("+", " ".join(args), flush=True)
-        done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    summary = {**fields, "command": portable(" ".join(["python", *args[1:]])), "minutes": round((time.time() - started) / 60, 2),
+        run_args = args + resume_arguments(run_dir)
+        print("+", " ".join(run_args), flush=True)
+        done = subprocess.run(run_args, cwd=ROOT, capture_output=True, text=True)
+    summary = {**fields, "command": portable(" ".join(["python", *args[1:]])),
+               **({"command_resumed": portable(" ".join(["python", *run_args[1:]]))} if done is not None and run_args != args else {}),
+               "minutes": round((time.time() - started) / 60, 2),
                "date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit()}
     if (run_dir / "results.json").exists():
         results = json.loads((run_dir / "results.json").read_text())
@@ -128,11 +151,16 @@ def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
     return summary
 
 
-def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Path, out: Path) -> dict:
+def table_tag(pair: str, steps: int, mode: str | None) -> str:
+    return f"{pair}-{steps}steps" + (f"-{mode}" if mode else "")
+
+
+def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Path, out: Path,
+            mode: str | None = None) -> dict:
     """Train and test one cell of the DA table (unless its summary exists) and return its summary."""
-    run_dir = runs / f"{pair}-{steps}steps" / f"{row}-seed{seed}"
-    return run_cell(out / f"{row}-seed{seed}.json", run_dir, command(pair, row, seed, steps, data_root, run_dir),
-                    {"pair": pair, "row": row, "seed": seed, "steps": steps})
+    run_dir = runs / table_tag(pair, steps, mode) / f"{row}-seed{seed}"
+    return run_cell(out / f"{row}-seed{seed}.json", run_dir, command(pair, row, seed, steps, data_root, run_dir, mode),
+                    {"pair": pair, "row": row, "seed": seed, "steps": steps, **({"mode": mode} if mode else {})})
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -215,13 +243,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "da_table"), help="where run directories go")
     parser.add_argument("--aggregate-only", action="store_true", help="only aggregate the summaries there are")
+    parser.add_argument("--mode", choices=list(MODES), default=None, help="precision and layout of every cell")
+    parser.add_argument("--guard", nargs=2, choices=list(MODES), metavar=("A", "B"),
+                        help="print the paired target-accuracy difference B − A per row and seed, and stop")
     args = parser.parse_args(argv)
-    tag = f"{args.pair}-{args.steps}steps"
+    if args.guard:
+        return guard(args.pair, args.steps, *args.guard)
+    tag = table_tag(args.pair, args.steps, args.mode)
     out = RESULTS / "da_table" / tag
     if not args.aggregate_only:
         for seed in args.seeds:  # seed-major: a sweep cut short still has every row for its first seeds
             for row in args.rows:
-                run_one(args.pair, row, seed, args.steps, str(Path(args.data_root).resolve()), Path(args.runs), out)
+                run_one(args.pair, row, seed, args.steps, str(Path(args.data_root).resolve()), Path(args.runs), out,
+                        args.mode)
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     table = aggregate(summaries)
     paired_difference(table)
@@ -230,6 +264,44 @@ def main(argv: list[str] | None = None) -> dict:
     (RESULTS / f"da_table_{tag}.md").write_text(text)
     print(text)
     return table
+
+
+def guard(pair: str, steps: int, first: str, second: str) -> dict:
+    """Per row, the paired difference of target accuracy ``second`` − ``first`` at the seeds both modes
+    finished (the same seed: the same data split, sampling stream and initial weights), its mean and
+    sample std; written to ``benchmarks/results/da_guard_<pair>-<steps>steps.{json,md}``."""
+    tables = {}
+    for mode in (first, second):
+        folder = RESULTS / "da_table" / table_tag(pair, steps, mode)
+        tables[mode] = aggregate(json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))
+    rows = {}
+    for row in tables[first]:
+        if row not in tables[second]:
+            continue
+        a, b = (dict(zip(tables[m][row]["seeds"], tables[m][row]["target/acc"]["values"])) for m in (first, second))
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        diffs = [b[s] - a[s] for s in seeds]
+        mean, std = _mean_std(diffs)
+        rows[row] = {"seeds": seeds, first: [a[s] for s in seeds], second: [b[s] for s in seeds],
+                     "difference": {"values": diffs, "mean": mean, "std": std},
+                     "spread": {first: _mean_std([a[s] for s in seeds])[1], second: _mean_std([b[s] for s in seeds])[1]}}
+    lines = [f"**{pair.replace('_', ' → ')}, {steps} steps: {second} against {first}, paired by seed**", "",
+             f"| row | seeds | {first} target acc % | {second} target acc % | {second} − {first}, points (each seed) |"
+             f" seeds' spread ({first}), points |", "|---|---|---|---|---|---:|"]
+    for row, r in rows.items():
+        cell_a = "; ".join(f"{100 * v:.1f}" for v in r[first])
+        cell_b = "; ".join(f"{100 * v:.1f}" for v in r[second])
+        d = r["difference"]
+        lines.append(f"| {ROWS.get(row, row)} | {', '.join(map(str, r['seeds']))} | {cell_a} | {cell_b} | "
+                     f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({', '.join(f'{100 * v:+.1f}' for v in d['values'])}) | "
+                     f"{100 * r['spread'][first]:.2f} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"da_guard_{pair}-{steps}steps.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / f"da_guard_{pair}-{steps}steps.md").write_text(text)
+    print(text)
+    return rows
 
 
 if __name__ == "__main__":

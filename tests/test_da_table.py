@@ -87,3 +87,44 @@ def test_classification_cells_share_the_runner_and_aggregate_on_the_labelled_dom
     assert "72.00 ± 2.83 (70.0, 74.0)" in text and "50.0, 35.0" in text
     args = " ".join(classify_table.command("cifar10", "mn", 2, 5, "folder:/d", "/r", tmp_path))
     assert "configs/cifar10_mn.yaml" in args and "--data.domain folder:/d" in args and "--trainer.max_epochs 5" in args
+
+
+def test_a_mode_adds_its_arguments_and_its_own_folder(tmp_path):
+    text = " ".join(da_table.command("mnist_usps", "bn", 0, 500, "/data", tmp_path, "bf16-nhwc"))
+    assert "--trainer.precision bf16-mixed --model.init_args.channels_last true" in text
+    assert da_table.table_tag("mnist_usps", 500, "bf16-nhwc") == "mnist_usps-500steps-bf16-nhwc"
+    assert da_table.table_tag("mnist_usps", 500, None) == "mnist_usps-500steps"  # the legacy table
+
+
+def test_the_guard_pairs_two_modes_by_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(da_table, "RESULTS", tmp_path)
+    for mode, values in (("fp32-nchw", (0.90, 0.94)), ("bf16-nhwc", (0.91, 0.92))):
+        folder = tmp_path / "da_table" / f"mnist_usps-500steps-{mode}"
+        folder.mkdir(parents=True)
+        for seed, value in enumerate(values):
+            (folder / f"bn-seed{seed}.json").write_text(json.dumps(summary("bn", seed, value)))
+    rows = da_table.guard("mnist_usps", 500, "fp32-nchw", "bf16-nhwc")
+    assert rows["bn"]["difference"]["values"] == pytest.approx([0.01, -0.02])
+    assert "-0.50 ± 2.12 (+1.0, -2.0)" in (tmp_path / "da_guard_mnist_usps-500steps.md").read_text()
+
+
+def test_an_interrupted_classification_cell_resumes_from_its_checkpoint(tmp_path, data):
+    """A cell whose run stopped after a checkpoint goes on from it (its history kept), not from scratch."""
+    import subprocess
+
+    import classify_table
+
+    run_dir, out = tmp_path / "runs" / "cell", tmp_path / "out"
+    base = [sys.executable, "-m", "adamatch_uan.fit", "--config", str(ROOT / "configs" / "classify_smoke.yaml"),
+            "--data.domain", f"npz:{data / 's.npz'}", "--data.batch_size", "16", "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar", "false", "--run_dir", str(run_dir)]
+    first = subprocess.run([*base, "--trainer.max_epochs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir / "results.json").unlink()  # as if the run had been stopped after its checkpoint
+    steps_per_epoch = 144 // 16
+    summary_ = da_table.run_cell(out / "uan-seed0.json", run_dir, [*base, "--trainer.max_epochs", "2"],
+                                 {"dataset": "npz", "row": "uan", "seed": 0, "epochs": 2},
+                                 lambda run: {"validation_error": classify_table.validation_curve(run)})
+    assert summary_["status"] == "finished" and summary_["trained_steps"] == 2 * steps_per_epoch
+    assert [e for e, _, _ in summary_["validation_error"]] == [0, 1]  # epoch 0's validation kept, not rerun
+    assert "--ckpt_path" in summary_["command_resumed"]
