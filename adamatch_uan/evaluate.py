@@ -4,7 +4,9 @@ a finished run's metrics on labelled sets, as JSON.
 Without ``--data`` options it tests the run's own test sets (the source's and, when labelled, the
 target's), as ``fit`` did: the same images, batches, weights and context rule, so the numbers
 equal ``results.json`` (unless the run limited its test batches; ``images`` says how many were
-tested). ``--data.target SPEC`` (or ``--data.source``) tests that domain's test split instead,
+tested). ``--recalibrate target`` tests the target with AdaBN's statistics (re-estimated on the
+target's training images, no labels); ``--target_context 0|1`` with the source's or its own
+context id (context-aware norms). ``--data.target SPEC`` (or ``--data.source``) tests that domain's test split instead,
 made as ``fit`` would make it, its classes mapped onto the run's by name. For each set: accuracy,
 macro precision, recall and F1, and the confusion matrix (rows: true class, columns: predicted),
 written to ``--out`` (default ``RUN_DIR/evaluate-<time>.json``, never overwritten) and printed.
@@ -37,6 +39,11 @@ def parser() -> ArgumentParser:
     p.add_argument("--data.root", type=str | None, default=None, help="Folder of built-in datasets (default: the run's).")
     p.add_argument("--checkpoint", type=str, default="best",
                    help=f"Which weights: {' or '.join(CHECKPOINT_CHOICES)} (the run's) or a .ckpt path.")
+    p.add_argument("--target_context", type=int | None, default=None,
+                   help="The context id target images get: 0, the source's (the UAN authors' rule), or 1, their own "
+                        "(per-domain BatchNorm's); default: the run's.")
+    p.add_argument("--recalibrate", type=str | None, default=None,
+                   help="target: AdaBN, the target tested with running statistics re-estimated on its training images.")
     p.add_argument("--out", type=str | None, default=None, help="JSON file to write (default RUN_DIR/evaluate-<time>.json).")
     return p
 
@@ -75,6 +82,20 @@ def main(args: list[str] | None = None) -> dict:
         raise UserError(f"Nothing to evaluate: {', '.join(unlabelled)} unlabelled; give a labelled set with "
                         f"--data.target SPEC")
     module = classifier.module
+    if config.target_context is not None:
+        if config.target_context not in (0, 1):
+            raise UserError(f"Expected --target_context 0 (the source's) or 1 (the target's), got {config.target_context}")
+        module.hparams.target_context = config.target_context
+        module.eval_contexts = [config.target_context if n == "target" else c
+                                for n, c in zip(module.eval_names, module.eval_contexts)]
+    if config.recalibrate not in (None, "target"):
+        raise UserError(f"Expected --recalibrate target (AdaBN) or nothing, got {config.recalibrate!r}")
+    if config.recalibrate:
+        if specs["target"] is None:
+            raise UserError("--recalibrate target needs a target domain (--data.target SPEC)")
+        adapted_to = load_domain(specs["target"], root, train=True, download=False, size=classifier.image_size,
+                                 test_fraction=data.get("test_fraction", 0.2), split_seed=data.get("split_seed", 0))
+        module.recalibrate_on(adapted_to.images, data.get("eval_batch_size", 256))
     own = dict(zip(module.eval_names, module.eval_contexts))
     names = list(sets)
     module.set_eval_sets(names, [own[n] if n in own else (module.hparams.target_context if n == "target" else 0)
@@ -92,6 +113,7 @@ def main(args: list[str] | None = None) -> dict:
                                **{m: tested[f"test/{name}/{m}"] for m in METRICS},
                                "confusion_matrix": module.confusion_matrices[name]}
                         for name, domain in sets.items()},
+               "recalibrate": config.recalibrate, "target_context": module.hparams.target_context,
                "unlabelled": unlabelled}
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("x") as f:

@@ -41,6 +41,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from adamatch_uan import fit_argv, run_directory
 from adamatch_uan.callbacks.backend_report import BackendReport
+from adamatch_uan.callbacks.elapsed import ElapsedTime
 from adamatch_uan.callbacks.final_validation import FinalValidation
 from adamatch_uan.callbacks.history import ContinuedSteps, HistoryLogger, continue_history
 from adamatch_uan.callbacks.mixture_sync import MixtureSync
@@ -145,7 +146,7 @@ class FitCLI(LightningCLI):
         extra = [ModelCheckpoint(checkpoints, filename="best-{step}", monitor="val/source/acc", mode="max"),
                  ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
                  FiniteExceptionCheckpoint(checkpoints), NonFiniteGuard(), BackendReport(), FinalValidation(),
-                 ContinuedSteps()]
+                 ContinuedSteps(), ElapsedTime()]
         trainer_config = self._get(self.config_init, "trainer", default={})
         if not (sys.stdout.isatty() and trainer_config.get("enable_progress_bar", True) is not False):
             # A log file gets plain lines instead of a bar's \r frames.

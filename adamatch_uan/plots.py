@@ -27,12 +27,13 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from adamatch_uan.norm import SOURCE, UAN, MixtureNorm
+from adamatch_uan.norm import SOURCE, UAN, DomainBatchNorm, MixtureNorm
 
 
 # ---- mixtures of norm layers ----
 def is_norm_layer(module: nn.Module) -> bool:
-    return isinstance(module, (_BatchNorm, MixtureNorm, UAN))
+    """A layer with a model of its input's distribution: BatchNorm (per domain too), MN, UAN (GroupNorm has none)."""
+    return isinstance(module, (_BatchNorm, DomainBatchNorm, MixtureNorm, UAN))
 
 
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -45,7 +46,8 @@ def layer_mixture(layer: nn.Module, context: int = SOURCE) -> tuple[np.ndarray, 
     """The Gaussian mixture a norm layer models its input with, as (λ, μ, σ²) arrays of shape (K, C).
 
     UAN: the learned λ (of ``context`` when the layer has contexts), μ, σ².
-    MN: the latest EM estimates. BatchNorm: one component, the running mean and variance.
+    MN: the latest EM estimates. BatchNorm: one component, the running mean and variance (per-domain
+    BatchNorm: those of ``context``).
     """
     if isinstance(layer, UAN):
         weights, means, var = layer.weights[context if layer.num_contexts else 0], layer.mean, layer.var
@@ -53,6 +55,9 @@ def layer_mixture(layer: nn.Module, context: int = SOURCE) -> tuple[np.ndarray, 
         weights, means, var = layer.fit_weight, layer.fit_mean, layer.fit_var
     elif isinstance(layer, _BatchNorm) and layer.running_mean is not None:
         weights, means, var = torch.ones_like(layer.running_mean)[None], layer.running_mean[None], layer.running_var[None]
+    elif isinstance(layer, DomainBatchNorm):
+        means, var = layer.running_mean[context][None], layer.running_var[context][None]
+        weights = torch.ones_like(means)
     else:
         raise TypeError(f"Expected a BatchNorm (with running stats), MixtureNorm or UAN layer, got {type(layer).__name__}")
     return tuple(t.detach().float().cpu().numpy() for t in (weights, means, var))
@@ -242,6 +247,33 @@ def validation_figure(runs: Sequence[Run], sets: Sequence[str] | None = None) ->
     return fig
 
 
+def accuracy_curves_figure(runs: Sequence[Run], name: str = "target") -> Figure:
+    """Validation accuracy of set ``name`` against the training step, one line per configuration (the runs
+    whose labels differ only in the seed), the mean over its seeds with a band of ± one standard deviation
+    (the seeds' spread); the number of seeds in the legend. The target's validation is an opt-in
+    diagnostic (``--data.val_target``): a learning curve, never a choice."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.metrics.get(f"val/{name}/acc"):
+            groups[run.label.split(", seed ")[0]].append(run)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (label, members) in enumerate(groups.items()):
+        by_step: dict[int, list[float]] = defaultdict(list)
+        for run in members:
+            for step, acc in run.metrics[f"val/{name}/acc"]:
+                by_step[step + 1].append(acc)  # a validation after N steps is logged at step N − 1
+        steps = sorted(s for s, v in by_step.items() if len(v) == len(members))  # steps every seed reached
+        means = np.array([np.mean(by_step[s]) for s in steps])
+        spread = np.array([np.std(by_step[s], ddof=1) if len(members) > 1 else 0.0 for s in steps])
+        ax.plot(steps, 100 * means, marker=".", color=f"C{i % 10}", label=f"{label} ({len(members)} seeds)")
+        ax.fill_between(steps, 100 * (means - spread), 100 * (means + spread), color=f"C{i % 10}", alpha=0.2)
+    ax.set(xlabel="training step", ylabel=f"{name} accuracy %", title=f"{name} accuracy of the evaluated model, "
+           "mean ± std over seeds")
+    ax.legend(fontsize=7)
+    return fig
+
+
 def activation_gallery_figure(run: Run, last: int = 3) -> Figure:
     """The run's latest activation plots (PNG files written by ``ActivationPlot``), side by side."""
     import matplotlib.image
@@ -286,6 +318,8 @@ def write_figures(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         figures["gradient_variance.png"] = gradient_variance_figure(runs, kind)
     if any(has["validation"]):
         figures["validation.png"] = validation_figure(runs)
+    if any(run.metrics.get("val/target/acc") for run in runs):
+        figures["accuracy.png"] = accuracy_curves_figure(runs)
     for i, run in enumerate(runs):
         tag = f"{i}-{run.path.name}"
         if has["gradient variance"][i]:

@@ -53,7 +53,19 @@ ROWS = {  # row -> what it is (the config configs/<pair>_<row>.yaml holds it)
     "mn_online": "AdaMatch + MN, K = 3, var_floor = 0.01, τ from the running mixture (tau_from=\"running\", online EM)",
     "mn_k2": "AdaMatch + MN, K = 2, var_floor = 0.01",
     "mn_wide": "AdaMatch + MN, K = 3, var_floor = 0.1",
+    "bn_ctx": "AdaMatch + per-domain BN (DSBN), each domain its own statistics",
+    "gn": "AdaMatch + GroupNorm",
 }
+# Rows tested again from another row's checkpoints, without training: row -> (trained row, evaluate's options)
+RETESTS = {
+    "bn_ctx_source": ("bn_ctx", ["--target_context", "0"], "AdaMatch + per-domain BN, the target tested with the source's statistics"),
+    "bn_adabn": ("bn", ["--recalibrate", "target"], "AdaMatch + BN, AdaBN (statistics re-estimated on the target's training images)"),
+    "uan_adabn": ("uan", ["--recalibrate", "target"], "AdaMatch + UAN, AdaBN (running α, δ² re-estimated on the target's training images)"),
+}
+ROWS.update({row: text for row, (_, _, text) in RETESTS.items()})
+# The confirmatory table (docs/METHOD.md, "Selection protocol"): trained rows, then the retests.
+CONFIRMATORY_ROWS = ["source_only", "bn", "mn", "uan", "uan_ctx", "bn_ctx", "gn"]
+CONFIRMATORY_SEEDS = [3, 4, 5]
 # docs/RESULTS.md's rows; the others on request
 TABLE_ROWS = ["source_only", "bn", "mn", "mn_k3", "uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input"]
 PAIRS = {  # pair -> data arguments given the data root
@@ -61,10 +73,14 @@ PAIRS = {  # pair -> data arguments given the data root
     "usps_mnist": lambda root: ["--data.source", f"npz:{Path(root) / USPS_NPZ}", "--data.target", "mnist"],
 }
 METRICS = ("acc", "f1")
-MODES = {  # mode -> the fit arguments that make it
+PRECISION_LAYOUT = {  # mode -> the fit arguments that make it (any method)
     "fp32-nchw": [],
     "bf16-nhwc": ["--trainer.precision", "bf16-mixed", "--model.init_args.channels_last", "true"],
 }
+# In the DA table both modes also score the target's test set at each validation: a diagnostic for the
+# time-to-accuracy curves that selection never reads.
+MODES = {mode: [*arguments, "--data.val_target", "true"] for mode, arguments in PRECISION_LAYOUT.items()}
+THRESHOLDS = (0.90, 0.95)  # target accuracies whose first step the table reports
 
 
 def budget(steps: int) -> list[str]:
@@ -151,6 +167,22 @@ def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
     return summary
 
 
+def target_curve(run_dir: Path) -> list[list[float]]:
+    """[step, target accuracy of the EMA model, seconds since training started] at each validation that
+    scored the target (``--data.val_target``), from the run's metrics.csv."""
+    import csv
+
+    accuracy, elapsed = {}, {}
+    with (run_dir / "metrics.csv").open() as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"]) + 1  # a validation after N steps is logged at step N − 1
+            if row.get("val/target/acc"):
+                accuracy[step] = float(row["val/target/acc"])
+            if row.get("time/elapsed_s"):
+                elapsed[step] = float(row["time/elapsed_s"])
+    return [[step, acc, elapsed.get(step)] for step, acc in sorted(accuracy.items())]
+
+
 def table_tag(pair: str, steps: int, mode: str | None) -> str:
     return f"{pair}-{steps}steps" + (f"-{mode}" if mode else "")
 
@@ -159,8 +191,40 @@ def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Pa
             mode: str | None = None) -> dict:
     """Train and test one cell of the DA table (unless its summary exists) and return its summary."""
     run_dir = runs / table_tag(pair, steps, mode) / f"{row}-seed{seed}"
+    if row in RETESTS:
+        return retest(pair, row, seed, steps, runs, out, mode)
     return run_cell(out / f"{row}-seed{seed}.json", run_dir, command(pair, row, seed, steps, data_root, run_dir, mode),
-                    {"pair": pair, "row": row, "seed": seed, "steps": steps, **({"mode": mode} if mode else {})})
+                    {"pair": pair, "row": row, "seed": seed, "steps": steps, **({"mode": mode} if mode else {})},
+                    (lambda run: {"target_curve": target_curve(run)}) if mode else None)
+
+
+def retest(pair: str, row: str, seed: int, steps: int, runs: Path, out: Path, mode: str | None) -> dict:
+    """A row of ``RETESTS``: the trained row's selected checkpoint tested again by the evaluate command with
+    other options (no training), its summary written as a cell's."""
+    path = out / f"{row}-seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    trained, options, _ = RETESTS[row]
+    run_dir = runs / table_tag(pair, steps, mode) / f"{trained}-seed{seed}"
+    if not (run_dir / "results.json").exists():
+        raise RuntimeError(f"{row} seed {seed} retests {run_dir}, which has not finished; run the row {trained} first")
+    result = out / f"{row}-seed{seed}.evaluate.json"
+    args = [sys.executable, "-m", "adamatch_uan.evaluate", str(run_dir), *options, "--out", str(result)]
+    started = time.time()
+    print("+", " ".join(args), flush=True)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{row} seed {seed} failed:\n{done.stderr[-3000:]}")
+    evaluated = json.loads(result.read_text())
+    result.unlink()
+    summary = {"pair": pair, "row": row, "seed": seed, "steps": steps, **({"mode": mode} if mode else {}),
+               "retest_of": trained, "command": portable(" ".join(["python", *args[1:-2]])),
+               "minutes": round((time.time() - started) / 60, 2), "date": datetime.date.today().isoformat(),
+               "machine": machine(), "commit": commit(), "status": "finished",
+               "test": {name: {m: v for m, v in metrics.items() if m in ("images", "acc", "precision", "recall", "f1")}
+                        for name, metrics in evaluated["test"].items()}}
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -192,6 +256,26 @@ def aggregate(summaries: Iterable[dict]) -> dict[str, dict]:
     return table
 
 
+def time_to_accuracy(table: dict[str, dict], summaries: Iterable[dict]) -> None:
+    """Add to each row with target curves ``"steps to <t>"``: per threshold of ``THRESHOLDS``, the first
+    validation step (and its seconds) where the target accuracy reached it, for the seeds that did, in place."""
+    curves: dict[str, dict[int, list]] = {}
+    for s in summaries:
+        if s.get("target_curve") and s.get("status") == "finished":
+            curves.setdefault(s["row"], {})[s["seed"]] = s["target_curve"]
+    for row, by_seed in curves.items():
+        if row not in table:
+            continue
+        for threshold in THRESHOLDS:
+            reached = {seed: next(([step, t] for step, acc, t in curve if acc >= threshold), None)
+                       for seed, curve in sorted(by_seed.items())}
+            hits = [v for v in reached.values() if v is not None]
+            table[row][f"steps to {threshold:.2f}"] = {
+                "seeds": len(reached), "reached": len(hits), "per_seed": reached,
+                "mean_steps": statistics.fmean(h[0] for h in hits) if hits else None,
+                "mean_seconds": statistics.fmean(h[1] for h in hits if h[1] is not None) if any(h[1] is not None for h in hits) else None}
+
+
 def paired_difference(table: dict[str, dict], baseline: str = "bn", key: str = "target/acc") -> None:
     """Add to every row of ``table`` but the baseline ``"<key> − <baseline>"``: the per-seed difference of
     ``key`` from the baseline's at the seeds both finished (the same seed gives both the same data split
@@ -220,17 +304,29 @@ def cell(entry: dict, key: str, seeds: bool = False, signed: bool = False) -> st
     return text + (" (" + ", ".join(f"{100 * v:{sign}.1f}" for v in c["values"]) + ")" if seeds else "")
 
 
+def reach(entry: dict, threshold: float) -> str:
+    """"mean steps (reached/seeds)" to a target accuracy, "—" without curves."""
+    c = entry.get(f"steps to {threshold:.2f}")
+    if not c:
+        return "—"
+    return (f"{c['mean_steps']:.0f} ({c['reached']}/{c['seeds']})" if c["reached"] else f"not reached (0/{c['seeds']})")
+
+
 def markdown(table: dict[str, dict], title: str) -> str:
-    """The table as markdown: mean ± std in % and every seed, target first."""
+    """The table as markdown: mean ± std in % and every seed, target first; steps to 90 % / 95 % target
+    accuracy where the cells recorded curves."""
+    curves = any(f"steps to {THRESHOLDS[0]:.2f}" in entry for entry in table.values())
+    extra = "".join(f" steps to {100 * t:.0f} % (seeds) |" for t in THRESHOLDS) if curves else ""
     lines = [f"**{title}**", "",
              "| row | seeds | target acc % (each seed) | − BN, points (same seeds) | target macro F1 % | source acc % "
-             "| diverged |",
-             "|---|---|---|---|---:|---:|---|"]
+             "| diverged |" + extra,
+             "|---|---|---|---|---:|---:|---|" + "---:|" * (len(THRESHOLDS) if curves else 0)]
     for row, entry in table.items():
         lines.append(f"| {ROWS.get(row, row)} | {', '.join(map(str, entry['seeds']))} | "
                      f"{cell(entry, 'target/acc', seeds=True)} | {cell(entry, 'target/acc − bn', seeds=True, signed=True)} | "
                      f"{cell(entry, 'target/f1')} | {cell(entry, 'source/acc')} | "
-                     f"{', '.join(map(str, entry['diverged'])) or '—'} |")
+                     f"{', '.join(map(str, entry['diverged'])) or '—'} |"
+                     + "".join(f" {reach(entry, t)} |" for t in THRESHOLDS if curves))
     return "\n".join(lines) + "\n"
 
 
@@ -239,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pair", choices=list(PAIRS), required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=TABLE_ROWS)
+    parser.add_argument("--confirmatory", action="store_true",
+                        help=f"the confirmatory table: rows {CONFIRMATORY_ROWS} and the retests, seeds {CONFIRMATORY_SEEDS}")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "da_table"), help="where run directories go")
@@ -249,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.guard:
         return guard(args.pair, args.steps, *args.guard)
+    if args.confirmatory:
+        args.rows, args.seeds = [*CONFIRMATORY_ROWS, *RETESTS], CONFIRMATORY_SEEDS
     tag = table_tag(args.pair, args.steps, args.mode)
     out = RESULTS / "da_table" / tag
     if not args.aggregate_only:
@@ -259,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     table = aggregate(summaries)
     paired_difference(table)
+    time_to_accuracy(table, summaries)
     (RESULTS / f"da_table_{tag}.json").write_text(json.dumps(table, indent=1) + "\n")
     text = markdown(table, f"{args.pair.replace('_', ' → ')} ({args.steps} steps, seeds as listed)")
     (RESULTS / f"da_table_{tag}.md").write_text(text)

@@ -10,7 +10,7 @@ from adamatch_uan.cli_errors import UserError, condense, report
 from conftest import ROOT, smoke_args
 
 CASES = {  # name -> (extra arguments given the data folder, what stderr must say)
-    "unknown norm": (lambda d: ["--norm", "layernorm"], ["'layernorm'", "bn, mn, none, uan", "--norm"]),
+    "unknown norm": (lambda d: ["--norm", "layernorm"], ["'layernorm'", "bn, bn_ctx, gn, mn, none, uan", "--norm"]),
     "unknown slot": (lambda d: ["--model.init_args.norm", '{"nowhere": "bn"}'], ["'nowhere'", "norm1", "--model.init_args.norm"]),
     "bad option value": (lambda d: ["--model.init_args.norm_options", '{"inference": "bad"}'], ["'bad'", "inference"]),
     "bad option type": (lambda d: ["--trainer.max_steps", "many"], ["trainer.max_steps", "many"]),

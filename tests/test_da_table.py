@@ -1,6 +1,7 @@
 """The DA sweep (benchmarks/da_table.py): aggregation, resumption, the command it runs."""
 
 import json
+from pathlib import Path
 import statistics
 import sys
 
@@ -67,7 +68,8 @@ def test_the_command_is_the_real_cli_with_the_budget_and_the_seed(tmp_path):
     assert "--seed_everything 3 --data.seed 3" in text and "--trainer.max_steps 500" in text
     for pair in da_table.PAIRS:
         for row in da_table.ROWS:
-            assert (ROOT / "configs" / f"{pair}_{row}.yaml").exists(), (pair, row)
+            if row not in da_table.RETESTS:  # retests train nothing
+                assert (ROOT / "configs" / f"{pair}_{row}.yaml").exists(), (pair, row)
 
 
 def test_classification_cells_share_the_runner_and_aggregate_on_the_labelled_domain(tmp_path, monkeypatch):
@@ -128,3 +130,46 @@ def test_an_interrupted_classification_cell_resumes_from_its_checkpoint(tmp_path
     assert summary_["status"] == "finished" and summary_["trained_steps"] == 2 * steps_per_epoch
     assert [e for e, _, _ in summary_["validation_error"]] == [0, 1]  # epoch 0's validation kept, not rerun
     assert "--ckpt_path" in summary_["command_resumed"]
+
+
+def test_time_to_accuracy_is_the_first_validation_at_each_threshold(tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,step,time/elapsed_s,val/source/acc,val/target/acc\n"
+                                          "0,99,,0.9,0.85\n0,99,60.0,,\n0,199,,0.95,0.93\n0,199,121.0,,\n"
+                                          "0,299,,0.97,0.96\n0,299,180.5,,\n")
+    assert da_table.target_curve(tmp_path) == [[100, 0.85, 60.0], [200, 0.93, 121.0], [300, 0.96, 180.5]]
+    summaries = [{**summary("bn", 0, 0.96), "target_curve": [[100, 0.85, 60.0], [200, 0.93, 121.0], [300, 0.96, 180.5]]},
+                 {**summary("bn", 1, 0.92), "target_curve": [[100, 0.91, 50.0], [200, 0.92, 100.0]]}]
+    table = da_table.aggregate(summaries)
+    da_table.time_to_accuracy(table, summaries)
+    to90, to95 = table["bn"]["steps to 0.90"], table["bn"]["steps to 0.95"]
+    assert to90["mean_steps"] == 150 and to90["reached"] == 2 and to90["mean_seconds"] == pytest.approx(85.5)
+    assert to95["mean_steps"] == 300 and to95["reached"] == 1 and to95["per_seed"][1] is None
+    text = da_table.markdown(table, "t")
+    assert "| 150 (2/2) | 300 (1/2) |" in text
+
+
+def test_confirmatory_rows_retest_trained_checkpoints_with_the_evaluate_command(tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    out.mkdir()
+    run_dir = runs / "mnist_usps-500steps-bf16-nhwc" / "bn-seed3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text("{}")
+    seen = {}
+    real_run = da_table.subprocess.run
+
+    def fake_run(args, **kwargs):
+        if "adamatch_uan.evaluate" not in args:  # git, for the summary's commit
+            return real_run(args, **kwargs)
+        seen["args"] = args
+        Path(args[args.index("--out") + 1]).write_text(json.dumps({"test": {"target": {"images": 2007, "acc": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.89, "confusion_matrix": []}}}))
+        return type("Done", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(da_table.subprocess, "run", fake_run)
+    s = da_table.run_one("mnist_usps", "bn_adabn", 3, 500, "data", runs, out, "bf16-nhwc")
+    assert seen["args"][1:4] == ["-m", "adamatch_uan.evaluate", str(run_dir)] and "--recalibrate" in seen["args"]
+    assert s["retest_of"] == "bn" and s["test"]["target"] == {"images": 2007, "acc": 0.9, "precision": 0.9,
+                                                             "recall": 0.9, "f1": 0.89}
+    assert list(out.glob("*.json")) == [out / "bn_adabn-seed3.json"]
+    for row in da_table.CONFIRMATORY_ROWS:
+        for pair in da_table.PAIRS:
+            assert (ROOT / "configs" / f"{pair}_{row}.yaml").exists(), (pair, row)

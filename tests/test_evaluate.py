@@ -52,3 +52,29 @@ def test_another_labelled_set_is_mapped_onto_the_runs_classes(run, tmp_path):
               f"npz:{tmp_path / 'unlabelled.npz'}", "--out", str(tmp_path / "u.json")])
     with pytest.raises(UserError, match="exists"):
         main([str(run_dir), "--out", str(tmp_path / "o.json")])
+
+
+def test_adabn_tests_the_target_with_statistics_of_its_training_images(run, tmp_path):
+    import adamatch_uan
+    from adamatch_uan.norm import recalibrated
+
+    run_dir, results = run
+    evaluated = main([str(run_dir), "--recalibrate", "target", "--out", str(tmp_path / "adabn.json")])
+    assert evaluated["recalibrate"] == "target"
+    assert evaluated["test"]["source"]["acc"] == results["test"]["source"]["acc"]  # the source keeps its statistics
+    # the same copy by hand: the EMA model recalibrated on the target's training images, tested on its test set
+    classifier = adamatch_uan.load(run_dir)
+    module = classifier.module
+    from adamatch_uan.data import load_domain
+
+    target = json.loads((run_dir / "results.json").read_text())["data"]["target"]
+    train = load_domain(target, "/", True, download=False, size=32)
+    test = load_domain(target, "/", False, download=False, size=32)
+    copy = recalibrated(module.evaluated_model, (module.inputs(b) for b in train.images.split(64)), 0)
+    import torch
+
+    with torch.no_grad():
+        predicted = copy(module.inputs(test.images), torch.zeros(len(test), dtype=torch.long)).argmax(1)
+    assert evaluated["test"]["target"]["acc"] == pytest.approx((predicted == test.labels).float().mean().item())
+    with pytest.raises(UserError, match="--target_context 0"):
+        main([str(run_dir), "--target_context", "7", "--out", str(tmp_path / "bad.json")])

@@ -133,7 +133,7 @@ def test_a_ten_step_run_with_the_default_interval_validates_saves_and_tests_at_i
     run = tmp_path / "run"
     done = fit("--data.source", f"npz:{data / 's.npz'}", "--data.target", f"npz:{data / 't.npz'}",
                "--data.batch_size", "4", "--data.uratio", "1", "--trainer.max_steps", "10", "--norm", "bn",
-               "--run_dir", str(run))  # the default val_check_interval is 500
+               "--model.init_args.recalibrate", "target", "--run_dir", str(run))  # the default val_check_interval is 500
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["checkpoint"].endswith("best-step=10.ckpt") and (run / "checkpoints" / "last.ckpt").exists()
@@ -148,6 +148,8 @@ def test_a_ten_step_run_with_the_default_interval_validates_saves_and_tests_at_i
     assert done.stdout.startswith(f"run directory: {run}") and f"results in {run / 'results.json'}" in done.stdout
     assert done.stdout.count("set ") == 1 and "─" not in done.stdout
     assert done.stderr.strip() == "", done.stderr[-3000:]
+    assert rows(run / "metrics.csv")[-2]["time/elapsed_s"]  # each validation's wall time, for time-to-accuracy
+    assert "recalibrate: target" in (run / "config.yaml").read_text()  # AdaBN tested the target: ran through
 
 
 def test_fast_dev_run_trains_tests_and_writes_nothing(data, tmp_path):
@@ -168,7 +170,7 @@ def test_help_and_print_config(capsys):
 
     page = printed("--help")
     assert len(page.splitlines()) <= 80
-    for option in ("--norm", "bn, mn, none, uan, uan_ctx, uan_paper", "--data.source", "--data.image_size",
+    for option in ("--norm", "bn, bn_ctx, gn, mn, none, uan, uan_ctx, uan_paper", "--data.source", "--data.image_size",
                    "--model.init_args.lr", "--run_dir", "--ckpt_path", "--debug", "--help trainer"):
         assert option in page, option
     assert "--model.init_args.num_classes" not in page  # it comes from the data

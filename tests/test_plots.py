@@ -161,7 +161,7 @@ def test_a_run_without_the_callbacks_gets_what_it_has_and_a_note_per_missing_cal
     done = subprocess.run([sys.executable, "-m", "adamatch_uan.plots", str(folder), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr[-3000:]  # no matplotlib warnings
-    assert {p.name for p in out.glob("*.png")} == {"validation.png"}
+    assert {p.name for p in out.glob("*.png")} == {"validation.png", "accuracy.png"}
     assert "adamatch_uan.callbacks.GradientVariance" in done.stdout
     assert "adamatch_uan.callbacks.ActivationPlot" in done.stdout
 
@@ -171,3 +171,17 @@ def test_a_missing_run_directory_is_one_short_error(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 6
+
+
+def test_accuracy_curves_average_the_seeds_of_each_configuration(tmp_path):
+    runs = []
+    for norm, seed, values in (("bn", 0, (0.8, 0.9)), ("bn", 1, (0.6, 0.9)), ("uan", 0, (0.7, 0.95))):
+        folder = fake_run(tmp_path / f"{norm}{seed}", norm, steps=(99, 199))
+        (folder / "config.yaml").write_text((folder / "config.yaml").read_text() + f"seed_everything: {seed}\n")
+        (folder / "metrics.csv").write_text("epoch,step,val/target/acc\n" + "".join(
+            f"0,{s},{v}\n" for s, v in zip((99, 199), values)))
+        runs.append(plots.load_run(folder))
+    ax = plots.accuracy_curves_figure(runs).axes[0]
+    bn, uan = ax.get_lines()
+    assert list(bn.get_xdata()) == [100, 200] and list(bn.get_ydata()) == pytest.approx([70.0, 90.0])
+    assert "(2 seeds)" in bn.get_label() and "(1 seeds)" in uan.get_label()

@@ -10,10 +10,11 @@ right after), or from YAML under ``trainer.callbacks`` as the headline configs d
 
 from adamatch_uan.callbacks.activation_plot import ActivationPlot
 from adamatch_uan.callbacks.backend_report import BackendReport
+from adamatch_uan.callbacks.elapsed import ElapsedTime
 from adamatch_uan.callbacks.gradient_variance import GradientVariance
 from adamatch_uan.callbacks.mixture_sync import MixtureSync
 from adamatch_uan.callbacks.mixture_trace import MixtureTrace
 from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 
-__all__ = ["ActivationPlot", "BackendReport", "FiniteExceptionCheckpoint", "GradientVariance", "MixtureSync", "MixtureTrace", "NonFiniteError",
+__all__ = ["ActivationPlot", "BackendReport", "ElapsedTime", "FiniteExceptionCheckpoint", "GradientVariance", "MixtureSync", "MixtureTrace", "NonFiniteError",
            "NonFiniteGuard"]

@@ -126,6 +126,11 @@ class DomainPairDataModule(DomainDataModule):
             raise ValueError(f"Expected non-empty source and target training sets, got {len(self.source_train)} and "
                              f"{len(self.target_train)} images; check --data.max_source/max_target")
 
+    def target_images(self) -> Tensor:
+        """The target's training images (uint8, no labels): what AdaBN recalibrates on."""
+        self._ready()
+        return self.target_train.images
+
     @property
     def target_labelled(self) -> bool:
         self._ready()

@@ -21,7 +21,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 from adamatch_uan.augment import Augment, to_model_input, to_unit
 from adamatch_uan.models import make_backbone
 from adamatch_uan.models.slots import NormAt, NormChoice
-from adamatch_uan.norm import SOURCE, TARGET, mixture_parameters
+from adamatch_uan.norm import SOURCE, TARGET, mixture_parameters, recalibrated
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r > 0 draws from seed + r · stride: streams apart for any seed
 
@@ -126,6 +126,9 @@ class DomainAdaptationMethod(L.LightningModule):
         eval_names: a name per evaluation dataloader, in order (from the data on the command line).
         target_context: the context id target images get in evaluation and prediction: the source
             id (0, the authors' rule) or the target's (1). Only context-aware norms read it.
+        recalibrate: "target": AdaBN (Li et al., 2016), the target is tested (and predicted) with a copy of
+            the evaluated model whose running statistics are re-estimated on the target's training images
+            (training-mode passes without gradients or labels; ``norm.recalibrated``); None: off.
         channels_last: keep the model and its inputs in ``torch.channels_last`` (NHWC): the layout
             the CPU's convolutions (and the mixture kernel) run fastest in; the results are the
             same up to floating-point summation order.
@@ -140,13 +143,17 @@ class DomainAdaptationMethod(L.LightningModule):
                  image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
                  eval_contexts: Sequence[int] | None = None, backbone_options: dict | None = None,
                  class_names: Sequence[str] | None = None, target_context: int = SOURCE,
-                 channels_last: bool = False) -> None:
+                 recalibrate: str | None = None, channels_last: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         if eval_contexts is not None and len(eval_contexts) != len(eval_names):
             raise ValueError(f"Expected one eval context per eval set {list(eval_names)}, got {list(eval_contexts)}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"Expected {num_classes} class names, got {len(class_names)}: {list(class_names)[:10]}")
+        if recalibrate not in (None, "target"):
+            raise ValueError(f"Expected recalibrate None or 'target', got {recalibrate!r}; use "
+                             f"--model.init_args.recalibrate target (AdaBN)")
+        self.__dict__["recalibrated_model"] = None  # not a submodule: never in checkpoints, made at test time
         if target_context not in (SOURCE, TARGET):
             raise ValueError(f"Expected target_context {SOURCE} (source) or {TARGET} (target), got {target_context}; "
                              f"use --model.init_args.target_context")
@@ -294,6 +301,29 @@ class DomainAdaptationMethod(L.LightningModule):
         """The EMA copy, or the trained model when there is none (``ema_decay=None``)."""
         return self.ema.module if self.ema is not None else self.model
 
+    @property
+    def target_model(self) -> nn.Module:
+        """What target images are tested and predicted with: the AdaBN copy when there is one, else
+        ``evaluated_model``."""
+        return self.recalibrated_model if self.recalibrated_model is not None else self.evaluated_model
+
+    @torch.no_grad()
+    def recalibrate_on(self, images: Tensor, batch_size: int = 256) -> None:
+        """AdaBN: ``recalibrated_model`` becomes a copy of the evaluated model with its running statistics
+        taken over ``images`` (uint8, the target's training images; no labels), in batches, with the
+        context target images are evaluated with."""
+        batches = (self.inputs(batch.to(self.device)) for batch in images.split(batch_size))
+        self.__dict__["recalibrated_model"] = recalibrated(self.evaluated_model, batches, self.hparams.target_context)
+
+    def on_test_start(self) -> None:
+        if self.hparams.recalibrate != "target":
+            return
+        images = getattr(self.trainer.datamodule, "target_images", None)
+        if images is None:
+            raise ValueError("--model.init_args.recalibrate target needs the target's training images: a "
+                             "domain-adaptation data module (DomainPairDataModule)")
+        self.recalibrate_on(images(), self.trainer.datamodule.hparams.eval_batch_size)
+
     def forward(self, images: Tensor, context: int | None = None) -> Tensor:
         """Logits (N, K) of the evaluated model (``evaluated_model``) for images preprocessed as the run's
         were: uint8 (N, 3, S, S) at the run's ``image_size`` (``adamatch_uan.load(run).predict`` does that),
@@ -309,7 +339,7 @@ class DomainAdaptationMethod(L.LightningModule):
                              f"run did")
         ids = torch.full((len(images),), self.hparams.target_context if context is None else context,
                          device=images.device)
-        return self.evaluated_model(self.inputs(images), ids).float()
+        return self.target_model(self.inputs(images), ids).float()
 
     def predict_step(self, batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities (N, K) of a batch of images (or of (images, ...) tuples), as ``forward``."""
@@ -323,7 +353,8 @@ class DomainAdaptationMethod(L.LightningModule):
         images, labels = batch
         name = self.eval_names[dataloader_idx]
         context = torch.full((len(images),), self.eval_contexts[dataloader_idx], device=images.device)
-        logits = self.evaluated_model(self.inputs(images), context).float()  # metrics and loss in float32
+        model = self.target_model if stage == "test" and name == "target" else self.evaluated_model
+        logits = model(self.inputs(images), context).float()  # metrics and loss in float32
         metrics = self.metrics[f"{stage}_{name}"]
         metrics.update(logits, labels)
         self.log(f"{stage}/{name}/loss", F.cross_entropy(logits, labels), add_dataloader_idx=False, sync_dist=True)

@@ -1,4 +1,5 @@
-"""Normalization layers every backbone can plug in: BatchNorm, Mixture Normalization, UAN.
+"""Normalization layers every backbone can plug in: BatchNorm, per-domain BatchNorm, GroupNorm, Mixture
+Normalization, UAN.
 
 ``make_norm(norm, num_features, **options)`` resolves a name from ``NORMS`` or calls a
 callable; backbones call it once per layer.
@@ -15,8 +16,10 @@ from adamatch_uan.norm.batch import BatchNorm
 from adamatch_uan.norm.context import (SOURCE, TARGET, frozen_stats, local_statistics, mixture_parameters, sync_norms,
                                        unsync_norms, uses_context)
 from adamatch_uan.norm.convert import WithContext, convert_norms
+from adamatch_uan.norm.domain_batch import DomainBatchNorm, group_norm
 from adamatch_uan.norm.mixture import BatchStats, Mixture, mixture_normalize
 from adamatch_uan.norm.mn import MixtureNorm
+from adamatch_uan.norm.recalibrate import recalibrated
 from adamatch_uan.norm.uan import UAN
 
 
@@ -28,6 +31,9 @@ NormFactory = Callable[..., nn.Module]
 
 NORMS: dict[str, NormFactory] = {
     "bn": BatchNorm,
+    # BatchNorm statistics per domain (DSBN), the K = 1 counterpart of uan_ctx: source = 0, target = 1.
+    "bn_ctx": functools.partial(DomainBatchNorm, num_contexts=2),
+    "gn": group_norm,
     "mn": MixtureNorm,
     "uan": UAN,
     # UAN with the domain as context: source = 0, target = 1 (docs/METHOD.md §4).
@@ -63,6 +69,7 @@ def make_norm(norm: str | NormFactory, num_features: int, **options) -> nn.Modul
                      f"(num_features, **options) -> nn.Module, got {norm!r}; use --norm NAME")
 
 
-__all__ = ["NORMS", "SOURCE", "TARGET", "BatchNorm", "BatchStats", "Mixture", "MixtureNorm", "NormFactory", "UAN",
-           "WithContext", "convert_norms", "frozen_stats", "list_norms", "local_statistics", "make_norm",
-           "mixture_normalize", "mixture_parameters", "sync_norms", "unsync_norms", "uses_context"]
+__all__ = ["NORMS", "SOURCE", "TARGET", "BatchNorm", "BatchStats", "DomainBatchNorm", "Mixture", "MixtureNorm",
+           "NormFactory", "UAN", "WithContext", "convert_norms", "frozen_stats", "group_norm", "list_norms",
+           "local_statistics", "make_norm", "mixture_normalize", "mixture_parameters", "recalibrated", "sync_norms",
+           "unsync_norms", "uses_context"]
