@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from adamatch_uan.cli_errors import UserError
+from adamatch_uan.cli.errors import UserError
 from adamatch_uan.data import DomainError, load_domain, resizer
 from adamatch_uan.data.image_folders import decode, image_files, image_sizes
 from adamatch_uan.methods import DomainAdaptationMethod

@@ -24,8 +24,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from adamatch_uan.classifier import CHECKPOINT_CHOICES, find_checkpoint, load
-from adamatch_uan.cli_errors import UserError, condense, report
-from adamatch_uan.console import METRICS, quiet_lightning, results_table
+from adamatch_uan.cli.errors import UserError, condense, report
+from adamatch_uan.cli.console import METRICS, quiet_lightning, results_table
 from adamatch_uan.data import load_domain, onto
 from adamatch_uan.data.sharding import evaluation_loader
 

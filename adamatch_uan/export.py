@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from adamatch_uan.augment import to_model_input, to_unit
 from adamatch_uan.classifier import CHECKPOINT_CHOICES, Classifier, find_checkpoint, load
-from adamatch_uan.cli_errors import UserError, condense, report
+from adamatch_uan.cli.errors import UserError, condense, report
 from adamatch_uan.data import describe
 from adamatch_uan.norm.backends import torch_ops_only
 

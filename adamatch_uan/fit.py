@@ -4,7 +4,7 @@ A LightningCLI over the methods (``--model``, AdaMatch by default; ``Supervised`
 classification) and the DataModules (``--data``, ``DomainPairDataModule`` by default;
 ``SingleDomainDataModule`` for one labelled domain): one entry point for both kinds of run, as
 they share the run directory, checkpoints, callbacks and results. ``--norm NAME`` is a shortcut
-for ``--model.init_args.norm NAME`` (``fit_argv``); the data say what the model is built for
+for ``--model.init_args.norm NAME`` (``cli.arguments``); the data say what the model is built for
 (the class count and names, the image size, the evaluation sets: linked arguments).
 
 Each run writes to its own directory (``run_directory``: ``--run_dir``, default
@@ -39,7 +39,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from adamatch_uan import fit_argv, run_directory
+from adamatch_uan.cli import arguments, run_directory
 from adamatch_uan.callbacks.backend_report import BackendReport
 from adamatch_uan.callbacks.elapsed import ElapsedTime
 from adamatch_uan.callbacks.final_validation import FinalValidation
@@ -48,9 +48,9 @@ from adamatch_uan.callbacks.mixture_sync import MixtureSync
 from adamatch_uan.callbacks.non_finite import FiniteExceptionCheckpoint, NonFiniteError, NonFiniteGuard
 from adamatch_uan.callbacks.text_progress import TextProgress
 from adamatch_uan.classifier import Classifier, Predictions
-from adamatch_uan.cli_errors import UserError, condense, our_message, report
-from adamatch_uan.cli_help import did_you_mean, option_names
-from adamatch_uan.console import METRICS, quiet_lightning, results_table
+from adamatch_uan.cli.errors import UserError, condense, our_message, report
+from adamatch_uan.cli.help import did_you_mean, option_names
+from adamatch_uan.cli.console import METRICS, quiet_lightning, results_table
 from adamatch_uan.methods import DomainAdaptationMethod
 from adamatch_uan.models.slots import describe
 from adamatch_uan.norm import list_norms
@@ -93,8 +93,8 @@ class FitCLI(LightningCLI):
         for source, target in (("num_classes", "num_classes"), ("class_names", "class_names"),
                                ("input_size", "image_size"), ("eval_names", "eval_names")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
-        parser.set_defaults({"model": {"class_path": fit_argv.DEFAULT_MODEL},
-                             "data": {"class_path": fit_argv.DEFAULT_DATA},
+        parser.set_defaults({"model": {"class_path": arguments.DEFAULT_MODEL},
+                             "data": {"class_path": arguments.DEFAULT_DATA},
                              "trainer.max_steps": 10_000, "trainer.val_check_interval": 500,
                              "trainer.check_val_every_n_epoch": None, "trainer.log_every_n_steps": 10,
                              "trainer.enable_model_summary": False, "seed_everything": 0})
@@ -170,11 +170,11 @@ def _check_trainer(trainer: L.Trainer) -> None:
 
 def build(argv: list[str]) -> FitCLI:
     """Parse and build the run's classes (reading the data), or raise a UserError that names the mistake."""
-    model_class, data_class = fit_argv.chosen_classes(argv)
+    model_class, data_class = arguments.chosen_classes(argv)
     try:
         with quiet_lightning():
             return FitCLI(DomainAdaptationMethod, L.LightningDataModule, subclass_mode_model=True,
-                          subclass_mode_data=True, run=False, args=fit_argv.rewrite(argv), trainer_class=RunTrainer,
+                          subclass_mode_data=True, run=False, args=arguments.rewrite(argv), trainer_class=RunTrainer,
                           auto_configure_optimizers=False,
                           save_config_callback=RunConfig, save_config_kwargs={"overwrite": True},
                           parser_kwargs={"default_env": False, "exit_on_error": False, "allow_abbrev": False})
@@ -185,7 +185,7 @@ def build(argv: list[str]) -> FitCLI:
         hint = ""
         if unknown:
             last = unknown[0].rsplit(".", 1)[-1]
-            hint = fit_argv.REMOVED.get(last) or did_you_mean(unknown[0], option_names(model_class, data_class))
+            hint = arguments.REMOVED.get(last) or did_you_mean(unknown[0], option_names(model_class, data_class))
         raise UserError(f"{message}{hint}\n(python -m adamatch_uan.fit --help lists the options)") from error
     except MisconfigurationException as error:  # the Trainer's own validation of its flags
         raise UserError(f"{str(error).splitlines()[0]} (python -m adamatch_uan.fit --help trainer lists its flags)") \
@@ -201,10 +201,10 @@ def main(args: list[str] | None = None) -> dict:
     """Train, test the best checkpoint, write ``results.json`` in the run directory; return the results.
 
     Raises:
-        UserError: a bad option, config key or value (``cli_errors``); ``DomainError`` for bad data.
+        UserError: a bad option, config key or value (``cli.errors``); ``DomainError`` for bad data.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    page = fit_argv.help_page(argv)
+    page = arguments.help_page(argv)
     if page is not None:
         print(page)
         raise SystemExit(0)

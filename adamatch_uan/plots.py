@@ -343,7 +343,7 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     """
     from jsonargparse import ArgumentParser
 
-    from adamatch_uan.cli_errors import UserError
+    from adamatch_uan.cli.errors import UserError
 
     parser = ArgumentParser(prog="python -m adamatch_uan.plots", description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="run directories written by adamatch_uan.fit")
@@ -363,6 +363,6 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    from adamatch_uan.cli_errors import report
+    from adamatch_uan.cli.errors import report
 
     report(main)

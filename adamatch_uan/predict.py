@@ -20,8 +20,8 @@ from jsonargparse import ArgumentParser
 from torch.utils.data import DataLoader
 
 from adamatch_uan.classifier import CHECKPOINT_CHOICES, Predictions, load
-from adamatch_uan.cli_errors import UserError, condense, report
-from adamatch_uan.console import quiet_lightning
+from adamatch_uan.cli.errors import UserError, condense, report
+from adamatch_uan.cli.console import quiet_lightning
 from adamatch_uan.data import describe
 
 

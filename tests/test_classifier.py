@@ -6,7 +6,7 @@ import torch
 
 import adamatch_uan
 from adamatch_uan.classifier import Predictions, find_checkpoint
-from adamatch_uan.cli_errors import UserError
+from adamatch_uan.cli.errors import UserError
 
 from conftest import quick_fit, write_images
 

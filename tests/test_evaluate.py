@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from adamatch_uan.cli_errors import UserError
+from adamatch_uan.cli.errors import UserError
 from adamatch_uan.data import DomainError
 from adamatch_uan.evaluate import main
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adamatch_uan
-from adamatch_uan.cli_errors import UserError
+from adamatch_uan.cli.errors import UserError
 from adamatch_uan.export import main
 
 from conftest import quick_fit

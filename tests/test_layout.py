@@ -15,6 +15,8 @@ FORBIDDEN = {
     "data": ["adamatch_uan.models", "adamatch_uan.methods", "adamatch_uan.norm", "adamatch_uan.fit"],
     "augment.py": ["adamatch_uan.", "lightning"],
     "callbacks": ["adamatch_uan.methods", "adamatch_uan.data", "adamatch_uan.models", "adamatch_uan.fit"],
+    "cli": ["adamatch_uan.methods", "adamatch_uan.models", "adamatch_uan.callbacks", "adamatch_uan.fit",
+            "adamatch_uan.predict", "adamatch_uan.evaluate", "adamatch_uan.export", "adamatch_uan.classifier"],
     "plots.py": ["adamatch_uan.methods", "adamatch_uan.data", "adamatch_uan.models", "adamatch_uan.callbacks",
                  "adamatch_uan.fit", "lightning"],
 }

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 import adamatch_uan
-from adamatch_uan.cli_errors import UserError
+from adamatch_uan.cli.errors import UserError
 from adamatch_uan.data import DomainError
 from adamatch_uan.predict import main
 

@@ -1,6 +1,6 @@
 """What ``fit`` does with its command line before LightningCLI parses it.
 
-- ``--help`` prints a page of about a screen (``cli_help.short_help``) for the chosen method and
+- ``--help`` prints a page of about a screen (``cli.help.short_help``) for the chosen method and
   data module, ``--help trainer`` the Trainer's flags;
 - options that would silently replace a part of the method's recipe are refused with the reason;
 - ``--norm NAME`` (checked against the registry) becomes ``--model.init_args.norm NAME``, placed
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib
 
-from adamatch_uan.cli_errors import UserError
-from adamatch_uan.cli_help import LINKED, short_help, trainer_help
+from adamatch_uan.cli.errors import UserError
+from adamatch_uan.cli.help import LINKED, short_help, trainer_help
 from adamatch_uan.norm import list_norms
 
 REFUSED = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from adamatch_uan.cli_errors import UserError
+from adamatch_uan.cli.errors import UserError
 
 # What a started run leaves in its directory.
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.csv", "results.json", "hparams.yaml")

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # adamatch_uan
 # Lines of jsonargparse's union errors that repeat what the first lines say.
 _NOISE = ("Does not validate against any of the", "Subtypes:", "Errors:", "Given value type:", "Given value:",
           "- Expected a <class 'NoneType'>")

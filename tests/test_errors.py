@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from adamatch_uan.cli_errors import UserError, condense, report
+from adamatch_uan.cli.errors import UserError, condense, report
 
 from conftest import ROOT, smoke_args
 
