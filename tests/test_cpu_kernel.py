@@ -48,7 +48,7 @@ def test_fake_workspace_has_the_kernels_size():
         weight, mu, var, gamma, beta = (t.float().detach() for t in tables(2, 3, 2, False)[:5])
         _, _, work = torch.ops.adamatch_uan.mixture_forward(x, None, weight, mu, var, gamma, beta, None, None, None,
                                                             1e-5, 0.0, 0.0, True, cache)
-        assert work.numel() == cpu_kernel.workspace_size(x, 2, 2, True, True, cache)
+        assert work.numel() == cpu_kernel.workspace_size(x, mu, 2, True, True, cache)
 
 
 def small_model(norm: str) -> nn.Module:
@@ -123,3 +123,20 @@ def test_a_second_derivative_fails_loudly():
     x = torch.randn(8, 3, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="differentiated twice"):
         torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_bfloat16_storage_computes_in_float32_and_rounds_once():
+    """x, y and the gradients in bfloat16, every statistic in float32: the statistics are those of the same
+    values in float32 (to float32's rounding: the two builds may order a sum differently), and the output is
+    the float32 output rounded to bfloat16 (one rounding: within one bfloat16 step)."""
+    ops = cpu_kernel.ops()
+    x16 = (torch.randn(6, 3, 40) * 2 + 1).bfloat16()
+    weight, mu, var, gamma, beta = (t.float().detach() for t in tables(2, 3, 1, False)[:5])
+    args = (None, weight, mu, var, gamma, beta, None, None, None, 1e-5, 0.01, 1e-3, True, 1 << 20)
+    y16, stats16, _ = ops.mixture_forward(x16, *args)
+    y32, stats32, _ = ops.mixture_forward(x16.float(), *args)
+    assert y16.dtype == torch.bfloat16 and stats16.dtype == torch.float32
+    torch.testing.assert_close(stats16, stats32, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y16.float(), y32.bfloat16().float(), rtol=2**-8, atol=1e-6)
+    result = torch.library.opcheck(ops.mixture_forward.default, (x16, *args), test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}, result

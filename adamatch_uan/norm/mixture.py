@@ -204,9 +204,10 @@ def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tens
     context = validate_context(context, n, mixture[0].shape[0], x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext():
-        # float32 statistics for bfloat16/float16 inputs: converted at the layer's edges (docs/RESULTS.md)
+        # Statistics in float32 for bfloat16/float16 inputs: the compiled kernel reads bfloat16 itself, other
+        # backends get a float32 copy (docs/RESULTS.md, "The CPU step in bfloat16 and channels-last").
         x3, context = positions(x, context)
-        x3 = x3.to(compute).contiguous()
+        x3 = (x3 if backends.reads_bfloat16(x3, mixture[1]) else x3.to(compute)).contiguous()
         gamma = weight if weight is not None else torch.ones(c, device=x.device)
         beta = bias if bias is not None else torch.zeros(c, device=x.device)
         given = (None, None) if stats is None else stats

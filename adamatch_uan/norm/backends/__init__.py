@@ -31,7 +31,8 @@ for the other three passes; it does the (K, C)-sized maths between passes itself
 work on blocks of one vector register: positions of a (sample, channel) row when P > 1,
 channels of a sample for (N, C, 1) inputs. It is built on first use (or ahead of time with
 ``python -m adamatch_uan.norm.backends.build``) and serves contiguous CPU float32/float64
-inputs with K ≤ ``MAX_COMPONENTS``. Everything else, and every input when the environment
+inputs with K ≤ ``MAX_COMPONENTS``, and bfloat16 ones with float32 tables (loads widen, stores round,
+everything computes in float32). Everything else, and every input when the environment
 sets ``ADAMATCH_UAN_KERNEL=0`` or the build fails (with a loud warning), runs on the
 torch-ops backend, which materialises (N, K, C, P) tensors. CUDA inputs with K ≤
 ``MAX_COMPONENTS`` run on the Triton kernels when Triton imports (``ADAMATCH_UAN_TRITON=0``
@@ -168,8 +169,14 @@ def _uses_triton(x: Tensor, mu: Tensor) -> bool:
 
 
 def _uses_kernel(x: Tensor, mu: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and x.is_contiguous()
             and mu.shape[0] <= MAX_COMPONENTS and not getattr(_forced, "torch", False) and kernel_available())
+
+
+def reads_bfloat16(x: Tensor, mu: Tensor) -> bool:
+    """Whether the backend serving ``x`` reads and writes bfloat16 itself (the compiled kernel, computing in
+    float32), so a bfloat16 input needs no conversion to float32 around it."""
+    return x.dtype == torch.bfloat16 and _uses_kernel(x, mu)
 
 
 def transform(x: Tensor, context: Tensor | None, eps: float, floors: tuple[float, float] | None,

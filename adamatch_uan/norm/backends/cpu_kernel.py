@@ -10,7 +10,8 @@ operators, and ``torch.library.opcheck`` checks them. A graph that holds them ne
 package's library to run; ``export.py`` writes the torch-ops form instead, which needs torch alone.
 
 The running averages are updated here from the batch statistics the forward returns, so
-that the operators mutate nothing.
+that the operators mutate nothing. x (and so y, ∂L/∂y, ∂L/∂x) may be bfloat16 with float32
+tables: the kernel widens on load and rounds on store, computing in float32.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from adamatch_uan.norm.backends.torch_ops import Running
 NAMESPACE = "adamatch_uan"
 
 
-def workspace_size(x: Tensor, groups: int, components: int, parametrised: bool, batch: bool,
-                   tau_cache_bytes: int) -> int:
-    """Elements of the forward's workspace (``Layout`` in ``mixture_ops.cpp``): the tables of UAN's
-    parametrisation, h, lc, the scales, the sums and statistics with batch statistics, and the
-    responsibilities when they fit in ``tau_cache_bytes``."""
+def workspace_size(x: Tensor, mu: Tensor, groups: int, parametrised: bool, batch: bool, tau_cache_bytes: int) -> int:
+    """Elements of the forward's workspace (``Layout`` in ``mixture_ops.cpp``), in the tables' dtype (``mu``'s):
+    the tables of UAN's parametrisation, h, lc, the scales, the sums and statistics with batch statistics, and
+    the responsibilities when they fit in ``tau_cache_bytes``."""
     n, c, p = x.shape
+    components = mu.shape[0]
     kc, gkc = components * c, groups * components * c
     size = (2 * gkc + 2 * kc if parametrised else 0) + kc + 3 * gkc
     if batch:
         size += c + 5 * kc
-        if n * c * p * components * x.element_size() <= tau_cache_bytes:
+        if n * c * p * components * mu.element_size() <= tau_cache_bytes:
             size += n * kc * p
     return size
 
@@ -43,21 +44,21 @@ def workspace_size(x: Tensor, groups: int, components: int, parametrised: bool, 
 def _fake_forward(x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2, delta2_floor, eps, min_weight,
                   min_var, parametrised, tau_cache_bytes):
     k, c = mu.shape
-    stats = x.new_empty((0 if alpha is not None else 3, k, c))
-    work = x.new_empty(workspace_size(x, weight_param.shape[0], k, parametrised, alpha is None, tau_cache_bytes))
+    stats = mu.new_empty((0 if alpha is not None else 3, k, c))
+    work = mu.new_empty(workspace_size(x, mu, weight_param.shape[0], parametrised, alpha is None, tau_cache_bytes))
     return torch.empty_like(x), stats, work
 
 
 def _fake_backward(grad, x, context, weight_param, mu, var_param, gamma, beta, alpha, delta2, delta2_floor, work, eps,
                    min_weight, min_var, parametrised, tau_cache_bytes, need_param_grads):
     return (torch.empty_like(x), torch.empty_like(weight_param), torch.empty_like(mu), torch.empty_like(var_param),
-            torch.empty_like(gamma), torch.empty_like(beta), x.new_empty((2, *mu.shape)))
+            torch.empty_like(gamma), torch.empty_like(beta), mu.new_empty((2, *mu.shape)))
 
 
 def _fake_sums(x, context, weight_param, mu, var_param, min_weight, min_var, parametrised):
     k, c = mu.shape
-    work = x.new_empty(workspace_size(x, weight_param.shape[0], k, parametrised, True, 0))
-    return x.new_empty((3, k, c)), x.new_empty((c,)), work
+    work = mu.new_empty(workspace_size(x, mu, weight_param.shape[0], parametrised, True, 0))
+    return mu.new_empty((3, k, c)), mu.new_empty((c,)), work
 
 
 def _fake_sums_backward(grad_sums, x, context, weight_param, mu, var_param, work, min_weight, min_var, parametrised):

@@ -113,6 +113,50 @@ MIX_INLINE void store(Elem<V>* p, V v) {
   }
 }
 
+// bfloat16 storage: the upper half of a float32's bits. Inputs and outputs may be stored in it
+// (BF16 below) while every computation runs in float32: loads widen, stores round to nearest even.
+using BF16 = uint16_t;
+typedef BF16 BF16Vec __attribute__((vector_size(32)));  // as many lanes as Vec<float>
+typedef uint32_t U32Vec __attribute__((vector_size(64)));
+
+// v loaded from storage of type IO (T itself, or BF16 for T = float).
+template <typename V, typename IO>
+MIX_INLINE V load_io(const IO* p) {
+  if constexpr (std::is_same_v<IO, Elem<V>>) {
+    return load<V>(p);
+  } else if constexpr (kIsVec<V>) {
+    BF16Vec h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32Vec bits = __builtin_convertvector(h, U32Vec) << 16;
+    V v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+    const uint32_t bits = uint32_t(*p) << 16;
+    V v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+}
+
+// v stored to storage of type IO, rounded to nearest even for BF16.
+template <typename V, typename IO>
+MIX_INLINE void store_io(IO* p, V v) {
+  if constexpr (std::is_same_v<IO, Elem<V>>) {
+    store<V>(p, v);
+  } else if constexpr (kIsVec<V>) {
+    U32Vec bits;
+    std::memcpy(&bits, &v, sizeof(v));
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const BF16Vec h = __builtin_convertvector(bits, BF16Vec);
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(v));
+    *p = BF16((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
 // Lane j of v (v itself for a scalar).
 template <typename V>
 MIX_INLINE Elem<V> lane(V v, int j) {
@@ -462,7 +506,7 @@ MIX_INLINE void for_block(const MixArgs& a, const RowOrder& o, const Block& b, F
       const int64_t base = (n * a.C + b.c) * a.P;
       if (kIsVec<V> && i + 1 < b.i1) {
         const int64_t next = (o.row(i + 1) * a.C + b.c) * a.P, length = a.P < 512 ? a.P : 512;
-        for (int64_t p = 0; p < length; p += kLanes<T>) (__builtin_prefetch(static_cast<const T*>(arrays) + next + p), ...);
+        for (int64_t p = 0; p < length; p += kLanes<T>) (__builtin_prefetch(arrays + next + p), ...);
       }
       const auto tau = tau_row<T, K, Mode>(a, n, b.c);
       for (int64_t p = b.p0; p < b.p1; p += kWidth) f(base + p, p, tau);
@@ -529,7 +573,7 @@ MIX_INLINE void run_blocks(const MixArgs& a, int64_t c0, int64_t c1, void* red) 
 }
 
 // red (3, 1, K, C) = sums of tau_k * {1, xt, xt^2} over all rows, xt = x - shift[c].
-template <typename T, int K, int Mode>
+template <typename T, int K, int Mode, typename IO>
 struct StatsPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
@@ -539,15 +583,15 @@ struct StatsPass {
     load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
     const V sh = lanes_at<Spatial, V>(a.shift, b.c);
     Reductions<V, 3 * K> acc{};
-    const T* x = static_cast<const T*>(a.x);
+    const IO* x = static_cast<const IO*>(a.x);
     for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
-      stats_element<V, K, const V*>(tau, i, load<V>(x + at), m, hh, l0, sh, [&](int r, int k, V v) { acc[r * K + k] += v; });
+      stats_element<V, K, const V*>(tau, i, load_io<V>(x + at), m, hh, l0, sh, [&](int r, int k, V v) { acc[r * K + k] += v; });
     }, x);
     return acc;
   }
 };
 
-template <typename T, int K, int Mode>
+template <typename T, int K, int Mode, typename IO>
 struct ApplyPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 0> block(const MixArgs& a, const RowOrder& o, const Block& b) {
@@ -558,17 +602,17 @@ struct ApplyPass {
     load_table<Spatial, V, K>(a.A, b.g, a.C, b.c, Ag);
     load_table<Spatial, V, K>(a.alpha, 0, a.C, b.c, al);
     const V beta = lanes_at<Spatial, V>(a.beta, b.c);
-    const T* x = static_cast<const T*>(a.x);
-    T* y = static_cast<T*>(a.out);
+    const IO* x = static_cast<const IO*>(a.x);
+    IO* y = static_cast<IO*>(a.out);
     for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
-      store<V>(y + at, apply_element<V, K, const V*>(tau, i, load<V>(x + at), m, hh, l0, Ag, al, beta));
-    }, x, static_cast<const T*>(y));
+      store_io<V>(y + at, apply_element<V, K, const V*>(tau, i, load_io<V>(x + at), m, hh, l0, Ag, al, beta));
+    }, x, static_cast<const IO*>(y));
     return {};
   }
 };
 
 // Reductions E0, E1, L0, R1, R2 as apply_backward_element's, into red (5, G, K, C).
-template <typename T, int K, bool Params, int Mode>
+template <typename T, int K, bool Params, int Mode, typename IO>
 struct ApplyBackwardPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 5 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
@@ -579,20 +623,20 @@ struct ApplyBackwardPass {
     load_table<Spatial, V, K>(a.A, b.g, a.C, b.c, Ag);
     load_table<Spatial, V, K>(a.alpha, 0, a.C, b.c, al);
     Reductions<V, 5 * K> acc{};
-    const T* x = static_cast<const T*>(a.x);
-    const T* gy = static_cast<const T*>(a.grad);
-    T* dx = static_cast<T*>(a.out);
+    const IO* x = static_cast<const IO*>(a.x);
+    const IO* gy = static_cast<const IO*>(a.grad);
+    IO* dx = static_cast<IO*>(a.out);
     for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
-      store<V>(dx + at, apply_backward_element<V, K, Params, const V*>(tau, i, load<V>(x + at), load<V>(gy + at), m, hh, l0,
-                                                                      Ag, al, [&](int r, int k, V v) { acc[r * K + k] += v; }));
-    }, x, gy, static_cast<const T*>(dx));
+      store_io<V>(dx + at, apply_backward_element<V, K, Params, const V*>(tau, i, load_io<V>(x + at), load_io<V>(gy + at), m,
+                                                                         hh, l0, Ag, al, [&](int r, int k, V v) { acc[r * K + k] += v; }));
+    }, x, gy, static_cast<const IO*>(dx));
     return acc;
   }
 };
 
 // Adds the stats pass's part of the input gradient to `out` (the output pass's), so the
 // layer writes one input-gradient tensor; reductions L0, R1, R2 into red2 (3, G, K, C).
-template <typename T, int K, bool Params, int Mode>
+template <typename T, int K, bool Params, int Mode, typename IO>
 struct StatsBackwardPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
@@ -605,38 +649,38 @@ struct StatsBackwardPass {
     load_table<Spatial, V, K>(a.dS, 2, a.C, b.c, d2);
     const V sh = lanes_at<Spatial, V>(a.shift, b.c);
     Reductions<V, 3 * K> acc{};
-    const T* x = static_cast<const T*>(a.x);
-    T* dx = static_cast<T*>(a.out);
+    const IO* x = static_cast<const IO*>(a.x);
+    IO* dx = static_cast<IO*>(a.out);
     for_block<T, K, Mode, Spatial, V>(a, o, b, [&](int64_t at, int64_t i, const auto& tau) {
-      store<V>(dx + at, load<V>(dx + at) + stats_backward_element<V, K, Params, const V*>(
-                                               tau, i, load<V>(x + at), m, hh, l0, sh, d0, d1, d2,
-                                               [&](int r, int k, V v) { acc[r * K + k] += v; }));
-    }, x, static_cast<const T*>(dx));
+      store_io<V>(dx + at, load_io<V>(dx + at) + stats_backward_element<V, K, Params, const V*>(
+                                                     tau, i, load_io<V>(x + at), m, hh, l0, sh, d0, d1, d2,
+                                                     [&](int r, int k, V v) { acc[r * K + k] += v; }));
+    }, x, static_cast<const IO*>(dx));
     return acc;
   }
 };
 
 // The stats pass: the shift (each channel's first value, x[0, c, 0]) and the sums.
-template <typename T, int K, int Mode>
+template <typename T, int K, int Mode, typename IO>
 MIX_PASS void stats(const MixArgs& a, int64_t c0, int64_t c1) {
   T* sh = static_cast<T*>(a.shift);
-  for (int64_t c = c0; c < c1; ++c) sh[c] = static_cast<const T*>(a.x)[c * a.P];
-  run_blocks<T, 3, K, false, StatsPass<T, K, Mode>>(a, c0, c1, a.sums);
+  for (int64_t c = c0; c < c1; ++c) sh[c] = load_io<T>(static_cast<const IO*>(a.x) + c * a.P);
+  run_blocks<T, 3, K, false, StatsPass<T, K, Mode, IO>>(a, c0, c1, a.sums);
 }
 
-template <typename T, int K, int Mode>
+template <typename T, int K, int Mode, typename IO>
 MIX_PASS void apply(const MixArgs& a, int64_t c0, int64_t c1) {
-  run_blocks<T, 0, K, false, ApplyPass<T, K, Mode>>(a, c0, c1, nullptr);
+  run_blocks<T, 0, K, false, ApplyPass<T, K, Mode, IO>>(a, c0, c1, nullptr);
 }
 
-template <typename T, int K, bool Params, int Mode>
+template <typename T, int K, bool Params, int Mode, typename IO>
 MIX_PASS void apply_backward(const MixArgs& a, int64_t c0, int64_t c1) {
-  run_blocks<T, 5, K, true, ApplyBackwardPass<T, K, Params, Mode>>(a, c0, c1, a.red);
+  run_blocks<T, 5, K, true, ApplyBackwardPass<T, K, Params, Mode, IO>>(a, c0, c1, a.red);
 }
 
-template <typename T, int K, bool Params, int Mode>
+template <typename T, int K, bool Params, int Mode, typename IO>
 MIX_PASS void stats_backward(const MixArgs& a, int64_t c0, int64_t c1) {
-  run_blocks<T, 3, K, true, StatsBackwardPass<T, K, Params, Mode>>(a, c0, c1, a.red2);
+  run_blocks<T, 3, K, true, StatsBackwardPass<T, K, Params, Mode, IO>>(a, c0, c1, a.red2);
 }
 
 // ---- The (K, C)-sized maths between the passes (ALGORITHMS.md section 2 and the backward
@@ -893,33 +937,37 @@ void track_running(const MixArgs& a, int64_t c0, int64_t c1) {
 
 // The forward of one channel range: tables, sums (batch statistics only), alpha, delta^2
 // and A, running averages, output. Channels are independent, so a thread needs no other's results.
-template <typename T, int K>
-struct ForwardPass {
+template <typename T, typename IO, int K>
+struct ForwardPassOf {
   static void run(const MixArgs& a, int64_t c0, int64_t c1) {
     if (a.parametrised) parametrise<T>(a, c0, c1);
     logit_terms<T>(a, c0, c1);
-    if (a.sums) a.tau ? stats<T, K, kStore>(a, c0, c1) : stats<T, K, kRecompute>(a, c0, c1);
+    if (a.sums) a.tau ? stats<T, K, kStore, IO>(a, c0, c1) : stats<T, K, kRecompute, IO>(a, c0, c1);
     if (a.phase == 1) return;  // the sums alone
     output_tables<T>(a, c0, c1);
     if (a.sums && a.running_mean) track_running<T>(a, c0, c1);
-    a.tau ? apply<T, K, kLoad>(a, c0, c1) : apply<T, K, kRecompute>(a, c0, c1);
+    a.tau ? apply<T, K, kLoad, IO>(a, c0, c1) : apply<T, K, kRecompute, IO>(a, c0, c1);
   }
 };
+template <typename T, int K>
+using ForwardPass = ForwardPassOf<T, T, K>;
+template <typename T, int K>
+using ForwardPassBF16 = ForwardPassOf<T, BF16, K>;
 
 // The backward of one channel range: the output pass (input gradient's direct part and
 // reductions), the sums' gradient, the stats pass (batch statistics only), which adds its
 // part of the input gradient, every parameter gradient, and the chain through parametrise.
-template <typename T, int K>
-struct BackwardPass {
+template <typename T, typename IO, int K>
+struct BackwardPassOf {
   template <bool Params, int Mode>
   static void passes(const MixArgs& a, int64_t c0, int64_t c1) {
     if (a.phase == 1) {  // the sums alone: dS is given, the output pass's reductions are zero
-      stats_backward<T, K, Params, Mode>(a, c0, c1);
+      stats_backward<T, K, Params, Mode, IO>(a, c0, c1);
       return;
     }
-    apply_backward<T, K, Params, Mode>(a, c0, c1);
+    apply_backward<T, K, Params, Mode, IO>(a, c0, c1);
     sums_gradient<T>(a, c0, c1);
-    if (a.sums) stats_backward<T, K, Params, Mode>(a, c0, c1);
+    if (a.sums) stats_backward<T, K, Params, Mode, IO>(a, c0, c1);
   }
   template <bool Params>
   static void passes(const MixArgs& a, int64_t c0, int64_t c1) {
@@ -931,6 +979,10 @@ struct BackwardPass {
     if (a.parametrised) parametrise_backward<T>(a, c0, c1);
   }
 };
+template <typename T, int K>
+using BackwardPass = BackwardPassOf<T, T, K>;
+template <typename T, int K>
+using BackwardPassBF16 = BackwardPassOf<T, BF16, K>;
 
 template <typename T, template <typename, int> class Pass>
 int run_k(const MixArgs& a, int64_t c0, int64_t c1) {
@@ -947,28 +999,29 @@ int run_k(const MixArgs& a, int64_t c0, int64_t c1) {
   }
 }
 
-template <template <typename, int> class Pass>
-int run(int is_double, const MixArgs* a, int threads) {
+template <template <typename, int> class Pass, template <typename, int> class PassBF16>
+int run(int dtype, const MixArgs* a, int threads) {
   int failed = 0;
   const int64_t C = a->C;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
   for (int t = 0; t < threads; ++t) {
     const int64_t c0 = C * t / threads, c1 = C * (t + 1) / threads;
-    failed |= is_double ? run_k<double, Pass>(*a, c0, c1) : run_k<float, Pass>(*a, c0, c1);
+    failed |= dtype == kDouble ? run_k<double, Pass>(*a, c0, c1)
+              : dtype == kBFloat16 ? run_k<float, PassBF16>(*a, c0, c1) : run_k<float, Pass>(*a, c0, c1);
   }
   return failed;
 }
 
 }  // namespace
 
-int mix_forward(int is_double, const MixArgs* a, int threads) { return run<ForwardPass>(is_double, a, threads); }
-int mix_backward(int is_double, const MixArgs* a, int threads) {
+int mix_forward(int dtype, const MixArgs* a, int threads) { return run<ForwardPass, ForwardPassBF16>(dtype, a, threads); }
+int mix_backward(int dtype, const MixArgs* a, int threads) {
   // Scratch for dS, red, red2, laid out as MixArgs describes; red2 stays null without
   // batch statistics (no stats pass to reduce).
   const int64_t KC = a->K * a->C, GKC = a->G * KC;
   MixArgs b = *a;
   char* base = reinterpret_cast<char*>(thread_scratch<double, kBackwardTables>(3 * KC + 8 * GKC));
-  const int64_t size = is_double ? sizeof(double) : sizeof(float);
+  const int64_t size = dtype == kDouble ? sizeof(double) : sizeof(float);
   b.red = base + 3 * KC * size;
   b.red2 = a->sums ? base + (3 * KC + 5 * GKC) * size : nullptr;
   if (a->phase == 1) {
@@ -976,5 +1029,5 @@ int mix_backward(int is_double, const MixArgs* a, int threads) {
   } else {
     b.dS = base;
   }
-  return run<BackwardPass>(is_double, &b, threads);
+  return run<BackwardPass, BackwardPassBF16>(dtype, &b, threads);
 }

@@ -52,7 +52,11 @@ struct MixArgs {
   void* red2;                // (3, G, K, C) reductions of the stats backward
 };
 
+// The data types a call runs in: float32 or float64 throughout, or x, the output and the
+// gradients stored in bfloat16 with every computation and table in float32.
+constexpr int kFloat = 0, kDouble = 1, kBFloat16 = 2;
+
 // Forward and backward of the mixture transform on channels split between `threads`
-// OpenMP threads; T is double when is_double, else float. Return nonzero when K > kMaxK.
-int mix_forward(int is_double, const MixArgs* a, int threads);
-int mix_backward(int is_double, const MixArgs* a, int threads);
+// OpenMP threads, in `dtype` (kFloat, kDouble or kBFloat16). Return nonzero when K > kMaxK.
+int mix_forward(int dtype, const MixArgs* a, int threads);
+int mix_backward(int dtype, const MixArgs* a, int threads);

@@ -110,7 +110,7 @@ struct Gradients {
   Gradients(MixArgs& a, const Inputs& in, Tensor dx_buffer)
       : dx(std::move(dx_buffer)), weight(at::empty_like(in.weight_param)), mu(at::empty_like(in.mu)),
         var(at::empty_like(in.var_param)), gamma(at::empty_like(in.gamma)), beta(at::empty_like(in.beta)),
-        stats(at::empty({2, in.mu.size(0), in.mu.size(1)}, in.x.options())) {
+        stats(at::empty({2, in.mu.size(0), in.mu.size(1)}, in.mu.options())) {
     a.out = dx.data_ptr();
     a.g_weight = weight.data_ptr();
     a.g_mu = mu.data_ptr();
@@ -128,16 +128,23 @@ int threads_for(const Tensor& x) {
 
 void check_inputs(const Inputs& in) {
   TORCH_CHECK(in.x.dim() == 3 && in.x.is_contiguous() && in.x.device().is_cpu(), "mixture node: x must be a contiguous CPU (N, C, P) tensor");
-  TORCH_CHECK(in.x.scalar_type() == at::kFloat || in.x.scalar_type() == at::kDouble, "mixture node: x must be float32 or float64");
+  const auto table_type = in.mu.scalar_type();
+  TORCH_CHECK(table_type == at::kFloat || table_type == at::kDouble, "mixture node: tables must be float32 or float64");
+  TORCH_CHECK(in.x.scalar_type() == table_type || (in.x.scalar_type() == at::kBFloat16 && table_type == at::kFloat),
+              "mixture node: x must be in the tables' dtype, or bfloat16 with float32 tables");
   TORCH_CHECK(in.mu.size(0) <= kMaxK, "mixture node: at most ", kMaxK, " components, got ", in.mu.size(0));
   for (const Tensor* t : {&in.weight_param, &in.mu, &in.var_param, &in.gamma, &in.beta, &in.alpha, &in.delta2,
                           &in.delta2_floor})
-    TORCH_CHECK(!t->defined() || (t->scalar_type() == in.x.scalar_type() && t->is_contiguous()),
-                "mixture node: every table must be contiguous in the dtype of x");
+    TORCH_CHECK(!t->defined() || (t->scalar_type() == table_type && t->is_contiguous()),
+                "mixture node: every table must be contiguous in one dtype (float32 or float64)");
   TORCH_CHECK(!in.context.defined() || (in.context.scalar_type() == at::kLong && in.context.is_contiguous()),
               "mixture node: context ids must be a contiguous int64 tensor");
 }
 
+// The kernel's data type of a call (mixture_kernel.h): x's, or bfloat16 storage over float32.
+int dtype_of(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? kDouble : x.scalar_type() == at::kBFloat16 ? kBFloat16 : kFloat;
+}
 
 // Workspace tables of a forward call: the layout every op and the Python fake implementation
 // (cpu_kernel.workspace_size) agree on.
@@ -145,7 +152,7 @@ Layout layout_for(const Inputs& in, bool parametrised, int64_t tau_cache_bytes) 
   const Tensor& x = in.x;
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2), K = in.mu.size(0), G = in.weight_param.size(0);
   const bool batch = !in.alpha.defined();
-  const bool cache = batch && N * C * P * K * static_cast<int64_t>(x.element_size()) <= tau_cache_bytes;
+  const bool cache = batch && N * C * P * K * static_cast<int64_t>(in.mu.element_size()) <= tau_cache_bytes;
   return Layout(N, C, P, K, G, parametrised, batch, cache);
 }
 
@@ -163,12 +170,12 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(
   check_inputs(in);
   const int64_t K = mu.size(0), C = x.size(1);
   const Layout layout = layout_for(in, parametrised, tau_cache_bytes);
-  Tensor work = at::empty({layout.size}, x.options());
+  Tensor work = at::empty({layout.size}, mu.options());
   Tensor y = at::empty_like(x);
   MixArgs a = make_args(in, work, layout, eps, parametrised, min_weight, min_var);
   a.out = y.data_ptr();
-  TORCH_CHECK(mix_forward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel forward failed");
-  if (in.alpha.defined()) return {y, at::empty({0, K, C}, x.options()), work};
+  TORCH_CHECK(mix_forward(dtype_of(x), &a, threads_for(x)) == 0, "mixture kernel forward failed");
+  if (in.alpha.defined()) return {y, at::empty({0, K, C}, mu.options()), work};
   const auto table = [&](int64_t offset) { return work.narrow(0, offset, K * C).view({K, C}); };
   return {y, at::stack({table(layout.sums), table(layout.alpha), table(layout.delta2)}), work};
 }
@@ -191,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mixture_backw
   const Gradients g(a, in, at::empty_like(x));
   a.grad = gy.data_ptr();
   a.need_param_grads = need_param_grads;
-  TORCH_CHECK(mix_backward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel backward failed");
+  TORCH_CHECK(mix_backward(dtype_of(x), &a, threads_for(x)) == 0, "mixture kernel backward failed");
   if (!need_param_grads) g.weight.zero_(), g.mu.zero_(), g.var.zero_();
   if (!in.alpha.defined()) g.stats.zero_();
   return {g.dx, g.weight, g.mu, g.var, g.gamma, g.beta, g.stats};
@@ -204,16 +211,16 @@ std::tuple<Tensor, Tensor, Tensor> mixture_sums(const Tensor& x, const std::opti
                                                 const Tensor& weight_param, const Tensor& mu, const Tensor& var_param,
                                                 double min_weight, double min_var, bool parametrised) {
   const Tensor none;
-  const Tensor ones = at::ones({x.size(1)}, x.options()), zeros = at::zeros({x.size(1)}, x.options());
+  const Tensor ones = at::ones({x.size(1)}, mu.options()), zeros = at::zeros({x.size(1)}, mu.options());
   const Inputs in{x, optional(context), weight_param, mu, var_param, ones, zeros, none, none, none};
   check_inputs(in);
   const int64_t K = mu.size(0), C = x.size(1);
   const Layout layout = layout_for(in, parametrised, 0);
   // Zeros: the backward's parameter gradients read the output tables, which this op never fills.
-  Tensor work = at::zeros({layout.size}, x.options());
+  Tensor work = at::zeros({layout.size}, mu.options());
   MixArgs a = make_args(in, work, layout, 1.0, parametrised, min_weight, min_var);
   a.phase = 1;
-  if (x.size(0) > 0) TORCH_CHECK(mix_forward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel sums failed");
+  if (x.size(0) > 0) TORCH_CHECK(mix_forward(dtype_of(x), &a, threads_for(x)) == 0, "mixture kernel sums failed");
   return {work.narrow(0, layout.sums, 3 * K * C).view({3, K, C}).clone(), work.narrow(0, layout.shift, C).clone(), work};
 }
 
@@ -223,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_sums_backward(
     const Tensor& mu, const Tensor& var_param, const Tensor& work, double min_weight, double min_var,
     bool parametrised) {
   const Tensor none;
-  const Tensor ones = at::ones({x.size(1)}, x.options()), zeros = at::zeros({x.size(1)}, x.options());
+  const Tensor ones = at::ones({x.size(1)}, mu.options()), zeros = at::zeros({x.size(1)}, mu.options());
   const Inputs in{x, optional(context), weight_param, mu, var_param, ones, zeros, none, none, none};
   check_inputs(in);
   const Layout layout = layout_for(in, parametrised, 0);
@@ -236,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_sums_backward(
   a.grad = nullptr;
   a.need_param_grads = true;
   if (x.size(0) > 0) {
-    TORCH_CHECK(mix_backward(x.scalar_type() == at::kDouble, &a, threads_for(x)) == 0, "mixture kernel sums backward failed");
+    TORCH_CHECK(mix_backward(dtype_of(x), &a, threads_for(x)) == 0, "mixture kernel sums backward failed");
   } else {
     g.weight.zero_(), g.mu.zero_(), g.var.zero_();
   }
