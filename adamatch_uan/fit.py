@@ -56,6 +56,11 @@ from adamatch_uan.models.slots import describe
 from adamatch_uan.norm import list_norms
 
 
+# The run directory the first process chose, for the processes Lightning's DDP launches (they run the
+# same command again, and would otherwise choose a directory of their own, or refuse the first one's).
+RUN_DIR_VARIABLE = "ADAMATCH_UAN_RUN_DIR"
+
+
 class RunTrainer(L.Trainer):
     """Lightning's Trainer, its batch limits annotated whole number first: Lightning's ``float | int`` makes
     jsonargparse read ``--trainer.limit_val_batches 1`` (and a config's ``1``) as 1.0, every batch."""
@@ -126,10 +131,13 @@ class FitCLI(LightningCLI):
         domains = [getattr(data, key, None) for key in ("domain", "source", "target")]
         norm = describe(config.model.init_args.norm).replace("=", "-").replace(",", "+")
         name = "-".join([*(str(s).split(":")[0] for s in domains if s is not None), norm])
-        if config.trainer.fast_dev_run:  # Lightning's debugging mode: the callbacks' files go to a scratch folder
+        if os.environ.get(RUN_DIR_VARIABLE) and os.environ.get("LOCAL_RANK", "0") != "0":
+            config.run_dir = os.environ[RUN_DIR_VARIABLE]  # a process Lightning launched for DDP: the first one's
+        elif config.trainer.fast_dev_run:  # Lightning's debugging mode: the callbacks' files go to a scratch folder
             config.run_dir = tempfile.mkdtemp(prefix="fast_dev_run-")
         else:
             config.run_dir = str(run_directory.choose(config.run_dir, config.ckpt_path, name))
+        os.environ[RUN_DIR_VARIABLE] = config.run_dir  # inherited by the processes DDP launches
         config.trainer.default_root_dir = config.run_dir
         self.save_config_kwargs["config_filename"] = "config.yaml"
 
@@ -208,7 +216,15 @@ def main(args: list[str] | None = None) -> dict:
     if page is not None:
         print(page)
         raise SystemExit(0)
-    cli = build(argv)
+    try:
+        cli = build(argv)
+        return _fit(cli)
+    finally:
+        os.environ.pop(RUN_DIR_VARIABLE, None)  # a later run in this process chooses its own
+
+
+def _fit(cli: FitCLI) -> dict:
+    """Train and test the run ``cli`` built (``main``)."""
     trainer, model, data, config = cli.trainer, cli.model, cli.datamodule, cli.config
     _check_trainer(trainer)
     run = Path(config.run_dir)

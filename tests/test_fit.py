@@ -274,3 +274,14 @@ def test_a_pair_of_64_pixel_folders_trains_and_predicts_at_64(tmp_path):
                                 "--out", str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=300)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 12
+
+
+def test_two_processes_without_a_run_dir_share_the_first_ones_directory(data, tmp_path):
+    args = [arg for arg in smoke_args(data, tmp_path / "unused", 2) if arg not in ("--run_dir", str(tmp_path / "unused"))]
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.fit", *args, "--norm", "bn", "--trainer.accelerator",
+                           "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.callbacks=[]"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "results.json").exists(), runs
