@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
