@@ -1,4 +1,3 @@
-import torch
 
 from adamatch_uan.methods import SourceOnly
 
