@@ -175,6 +175,8 @@ def test_help_and_print_config(capsys):
         assert option in page, option
     assert "--model.init_args.num_classes" not in page  # it comes from the data
     assert "Supervised" in printed("--model", "adamatch_uan.methods.Supervised", "--help")
+    method_page = printed("--model.help", "AdaMatch")  # every option of the method, not every nn.Module in torch
+    assert "--model.tau" in method_page and "--model.norm" in method_page and len(method_page.splitlines()) <= 200
     assert "--trainer.gradient_clip_val" in printed("--help", "trainer")
     config = printed("--print_config", "--norm", "uan")
     assert "AdaMatch" in config and "norm: uan" in config  # the shortcut, resolved

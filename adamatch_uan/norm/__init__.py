@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -27,7 +28,9 @@ def _identity(num_features: int, **options) -> nn.Module:
     return nn.Identity()
 
 
-NormFactory = Callable[..., nn.Module]
+# Returns an nn.Module; annotated Any because jsonargparse would list every nn.Module subclass
+# in importable code as a choice in `--model.help`.
+NormFactory = Callable[..., Any]
 
 NORMS: dict[str, NormFactory] = {
     "bn": BatchNorm,
