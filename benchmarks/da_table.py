@@ -14,11 +14,11 @@ select). ``--mode`` runs every cell in one precision and layout (``MODES``: the 
 has none; ``fp32-nchw`` and ``bf16-nhwc`` are today's code in float32 and in bf16 autocast with
 channels-last), and ``--guard A B`` prints the paired per-seed difference B − A of each row's
 target accuracy. Each run's summary is written to
-``benchmarks/results/da_table/<pair>-<steps>steps[-<mode>]/<row>-seed<seed>.json`` (committed, so
+``benchmarks/results/da_table/<pair>-<steps>steps[-<mode>][-confirmatory]/<row>-seed<seed>.json`` (committed, so
 a sweep can span machines); a run whose summary exists is skipped, a run that was interrupted
 resumes from its last checkpoint, a run that stopped on a non-finite loss is recorded as diverged. The aggregate, mean ± sample std over seeds and
 every seed, with each row's per-seed difference from BN, goes to
-``benchmarks/results/da_table_<pair>-<steps>steps.{json,md}`` and is printed.
+``benchmarks/results/da_table_<tag>.{json,md}`` (the same folder name) and is printed.
 """
 
 from __future__ import annotations
@@ -183,14 +183,17 @@ def target_curve(run_dir: Path) -> list[list[float]]:
     return [[step, acc, elapsed.get(step)] for step, acc in sorted(accuracy.items())]
 
 
-def table_tag(pair: str, steps: int, mode: str | None) -> str:
-    return f"{pair}-{steps}steps" + (f"-{mode}" if mode else "")
+def table_tag(pair: str, steps: int, mode: str | None, confirmatory: bool = False) -> str:
+    """The folder name of a table's summaries and runs; the confirmatory table has its own, so that its
+    aggregate never mixes in the exploratory seeds of the same mode."""
+    return f"{pair}-{steps}steps" + (f"-{mode}" if mode else "") + ("-confirmatory" if confirmatory else "")
 
 
 def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Path, out: Path,
-            mode: str | None = None) -> dict:
+            mode: str | None = None, confirmatory: bool = False) -> dict:
     """Train and test one cell of the DA table (unless its summary exists) and return its summary."""
-    run_dir = runs / table_tag(pair, steps, mode) / f"{row}-seed{seed}"
+    runs = runs / table_tag(pair, steps, mode, confirmatory)
+    run_dir = runs / f"{row}-seed{seed}"
     if row in RETESTS:
         return retest(pair, row, seed, steps, runs, out, mode)
     return run_cell(out / f"{row}-seed{seed}.json", run_dir, command(pair, row, seed, steps, data_root, run_dir, mode),
@@ -199,13 +202,13 @@ def run_one(pair: str, row: str, seed: int, steps: int, data_root: str, runs: Pa
 
 
 def retest(pair: str, row: str, seed: int, steps: int, runs: Path, out: Path, mode: str | None) -> dict:
-    """A row of ``RETESTS``: the trained row's selected checkpoint tested again by the evaluate command with
-    other options (no training), its summary written as a cell's."""
+    """A row of ``RETESTS``: the trained row's selected checkpoint (in ``runs``, the table's run folder)
+    tested again by the evaluate command with other options (no training), its summary written as a cell's."""
     path = out / f"{row}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
     trained, options, _ = RETESTS[row]
-    run_dir = runs / table_tag(pair, steps, mode) / f"{trained}-seed{seed}"
+    run_dir = runs / f"{trained}-seed{seed}"
     if not (run_dir / "results.json").exists():
         raise RuntimeError(f"{row} seed {seed} retests {run_dir}, which has not finished; run the row {trained} first")
     result = out / f"{row}-seed{seed}.evaluate.json"
@@ -349,19 +352,20 @@ def main(argv: list[str] | None = None) -> dict:
         return guard(args.pair, args.steps, *args.guard)
     if args.confirmatory:
         args.rows, args.seeds = [*CONFIRMATORY_ROWS, *RETESTS], CONFIRMATORY_SEEDS
-    tag = table_tag(args.pair, args.steps, args.mode)
+    tag = table_tag(args.pair, args.steps, args.mode, args.confirmatory)
     out = RESULTS / "da_table" / tag
     if not args.aggregate_only:
         for seed in args.seeds:  # seed-major: a sweep cut short still has every row for its first seeds
             for row in args.rows:
                 run_one(args.pair, row, seed, args.steps, str(Path(args.data_root).resolve()), Path(args.runs), out,
-                        args.mode)
+                        args.mode, args.confirmatory)
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     table = aggregate(summaries)
     paired_difference(table)
     time_to_accuracy(table, summaries)
     (RESULTS / f"da_table_{tag}.json").write_text(json.dumps(table, indent=1) + "\n")
-    text = markdown(table, f"{args.pair.replace('_', ' → ')} ({args.steps} steps, seeds as listed)")
+    kind = f"confirmatory, seeds {', '.join(map(str, CONFIRMATORY_SEEDS))}" if args.confirmatory else "seeds as listed"
+    text = markdown(table, f"{args.pair.replace('_', ' → ')} ({args.steps} steps{', ' + args.mode if args.mode else ''}, {kind})")
     (RESULTS / f"da_table_{tag}.md").write_text(text)
     print(text)
     return table

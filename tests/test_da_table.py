@@ -96,6 +96,8 @@ def test_a_mode_adds_its_arguments_and_its_own_folder(tmp_path):
     assert "--trainer.precision bf16-mixed --model.init_args.channels_last true" in text
     assert da_table.table_tag("mnist_usps", 500, "bf16-nhwc") == "mnist_usps-500steps-bf16-nhwc"
     assert da_table.table_tag("mnist_usps", 500, None) == "mnist_usps-500steps"  # the legacy table
+    # The confirmatory table's seeds never share a folder (and so an aggregate) with the exploratory ones.
+    assert da_table.table_tag("mnist_usps", 500, "bf16-nhwc", True) == "mnist_usps-500steps-bf16-nhwc-confirmatory"
 
 
 def test_the_guard_pairs_two_modes_by_seed(tmp_path, monkeypatch):
@@ -151,7 +153,7 @@ def test_time_to_accuracy_is_the_first_validation_at_each_threshold(tmp_path):
 def test_confirmatory_rows_retest_trained_checkpoints_with_the_evaluate_command(tmp_path, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "out"
     out.mkdir()
-    run_dir = runs / "mnist_usps-500steps-bf16-nhwc" / "bn-seed3"
+    run_dir = runs / "mnist_usps-500steps-bf16-nhwc-confirmatory" / "bn-seed3"
     run_dir.mkdir(parents=True)
     (run_dir / "results.json").write_text("{}")
     seen = {}
@@ -165,7 +167,7 @@ def test_confirmatory_rows_retest_trained_checkpoints_with_the_evaluate_command(
         return type("Done", (), {"returncode": 0, "stderr": ""})()
 
     monkeypatch.setattr(da_table.subprocess, "run", fake_run)
-    s = da_table.run_one("mnist_usps", "bn_adabn", 3, 500, "data", runs, out, "bf16-nhwc")
+    s = da_table.run_one("mnist_usps", "bn_adabn", 3, 500, "data", runs, out, "bf16-nhwc", confirmatory=True)
     assert seen["args"][1:4] == ["-m", "adamatch_uan.evaluate", str(run_dir)] and "--recalibrate" in seen["args"]
     assert s["retest_of"] == "bn" and s["test"]["target"] == {"images": 2007, "acc": 0.9, "precision": 0.9,
                                                              "recall": 0.9, "f1": 0.89}
