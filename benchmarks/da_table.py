@@ -74,7 +74,7 @@ PAIRS = {  # pair -> data arguments given the data root
 }
 METRICS = ("acc", "f1")
 PRECISION_LAYOUT = {  # mode -> the fit arguments that make it (any method)
-    "fp32-nchw": [],
+    "fp32-nchw": ["--trainer.precision", "32-true", "--model.init_args.channels_last", "false"],
     "bf16-nhwc": ["--trainer.precision", "bf16-mixed", "--model.init_args.channels_last", "true"],
 }
 # In the DA table both modes also score the target's test set at each validation: a diagnostic for the

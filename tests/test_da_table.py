@@ -94,6 +94,8 @@ def test_classification_cells_share_the_runner_and_aggregate_on_the_labelled_dom
 def test_a_mode_adds_its_arguments_and_its_own_folder(tmp_path):
     text = " ".join(da_table.command("mnist_usps", "bn", 0, 500, "/data", tmp_path, "bf16-nhwc"))
     assert "--trainer.precision bf16-mixed --model.init_args.channels_last true" in text
+    float32 = " ".join(da_table.command("mnist_usps", "bn", 0, 500, "/data", tmp_path, "fp32-nchw"))
+    assert "--trainer.precision 32-true --model.init_args.channels_last false" in float32  # whatever the defaults
     assert da_table.table_tag("mnist_usps", 500, "bf16-nhwc") == "mnist_usps-500steps-bf16-nhwc"
     assert da_table.table_tag("mnist_usps", 500, None) == "mnist_usps-500steps"  # the legacy table
     # The confirmatory table's seeds never share a folder (and so an aggregate) with the exploratory ones.
