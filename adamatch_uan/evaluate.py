@@ -4,7 +4,7 @@ a finished run's metrics on labelled sets, as JSON.
 Without ``--data`` options it tests the run's own test sets (the source's and, when labelled, the
 target's), as ``fit`` did: the same images, batches, weights and context rule, so the numbers
 equal ``results.json`` (unless the run limited its test batches; ``images`` says how many were
-tested). ``--recalibrate target`` tests the target with AdaBN's statistics (re-estimated on the
+tested), in the precision the run was tested in (its ``config.yaml``). ``--recalibrate target`` tests the target with AdaBN's statistics (re-estimated on the
 target's training images, no labels); ``--target_context 0|1`` with the source's or its own
 context id (context-aware norms). ``--data.target SPEC`` (or ``--data.source``) tests that domain's test split instead,
 made as ``fit`` would make it, its classes mapped onto the run's by name. For each set: accuracy,
@@ -64,7 +64,10 @@ def main(args: list[str] | None = None) -> dict:
     if out.exists():
         raise UserError(f"{out} exists; choose another --out (nothing is ever overwritten)")
     classifier = load(run, config.checkpoint)
-    data = yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]
+    run_config = yaml.safe_load((run / "config.yaml").read_text())
+    data = run_config["data"]["init_args"]
+    # Tested in the precision the run trained and tested in, so its own sets give its results.json.
+    precision = str((run_config.get("trainer") or {}).get("precision") or "32-true")
     specs = {"source": config.data.source or data.get("source") or data.get("domain"),
              "target": config.data.target or data.get("target")}
     root = config.data.root or data.get("root", ".")
@@ -105,7 +108,7 @@ def main(args: list[str] | None = None) -> dict:
     with quiet_lightning(), tempfile.TemporaryDirectory() as scratch:  # the test hook writes its matrices there
         import lightning as L
 
-        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, precision=precision,
                             enable_model_summary=False, enable_progress_bar=False, default_root_dir=scratch)
         tested = {k: v for d in trainer.test(module, dataloaders=loaders, verbose=False) for k, v in d.items()}
     results = {"run_dir": str(run), "checkpoint": str(find_checkpoint(run, config.checkpoint)),
@@ -113,7 +116,7 @@ def main(args: list[str] | None = None) -> dict:
                                **{m: tested[f"test/{name}/{m}"] for m in METRICS},
                                "confusion_matrix": module.confusion_matrices[name]}
                         for name, domain in sets.items()},
-               "recalibrate": config.recalibrate, "target_context": module.hparams.target_context,
+               "recalibrate": config.recalibrate, "target_context": module.hparams.target_context, "precision": precision,
                "unlabelled": unlabelled}
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("x") as f:

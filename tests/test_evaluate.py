@@ -32,6 +32,18 @@ def test_the_runs_own_test_sets_give_its_results_json(run, tmp_path):
         assert matrix.shape == (10, 10) and matrix.sum() == results["test"][name]["images"]
         assert np.trace(matrix) / matrix.sum() == pytest.approx(results["test"][name]["acc"])
     assert json.loads((tmp_path / "e.json").read_text())["test"] == evaluated["test"]
+    assert evaluated["precision"] == "32-true"
+
+
+def test_a_bfloat16_run_is_evaluated_in_bfloat16(data, tmp_path):
+    """Its own sets give its results.json, tested under the autocast it was tested under, not float32."""
+    results = quick_fit(tmp_path / "run", f"npz:{data / 's.npz'}", f"npz:{data / 't.npz'}", "--norm", "uan",
+                        "--trainer.precision", "bf16-mixed", "--model.init_args.channels_last", "true", steps=4)
+    evaluated = main([str(tmp_path / "run"), "--out", str(tmp_path / "e.json")])
+    assert evaluated["precision"] == "bf16-mixed"
+    for name in ("source", "target"):
+        for metric in ("images", "acc", "precision", "recall", "f1"):
+            assert evaluated["test"][name][metric] == results["test"][name][metric], (name, metric)
 
 
 def test_another_labelled_set_is_mapped_onto_the_runs_classes(run, tmp_path):
