@@ -140,3 +140,21 @@ def test_bfloat16_storage_computes_in_float32_and_rounds_once():
     torch.testing.assert_close(y16.float(), y32.bfloat16().float(), rtol=2**-8, atol=1e-6)
     result = torch.library.opcheck(ops.mixture_forward.default, (x16, *args), test_utils=("test_schema", "test_faketensor"))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_bfloat16_sums_and_their_gradient_equal_float32s():
+    """The distributed path's sums and the stats pass's backward from dL/dS (a float32 table) on a bfloat16
+    input: the float32 values' sums and parameter gradients, ∂L/∂x rounded once to bfloat16."""
+    x16 = (torch.randn(6, 3, 40) * 2 + 1).bfloat16()
+    weight, mu, var = (t.float().detach() for t in tables(2, 3, 1, False)[:3])
+    g_sums = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0))
+    results = []
+    for x in (x16, x16.float()):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, mu, var)]
+        s, shift = cpu_kernel.sums(inputs[0], None, (0.01, 1e-3), *inputs[1:])
+        results.append((s, shift, *torch.autograd.grad((s * g_sums).sum(), inputs)))
+    (s16, shift16, dx16, *params16), (s32, shift32, dx32, *params32) = results
+    assert s16.dtype == torch.float32 and dx16.dtype == torch.bfloat16
+    torch.testing.assert_close((s16, shift16), (s32, shift32), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(dx16.float(), dx32.bfloat16().float(), rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(params16, params32, rtol=1e-5, atol=1e-5)

@@ -113,7 +113,7 @@ def _backward_sums(ctx, g_sums, g_shift, g_work):
         raise RuntimeError("the mixture transform cannot be differentiated twice (backward with create_graph=True)")
     (x, context, weight_param, mu, var_param), work = _saved(ctx)
     if g_sums is None:
-        g_sums = x.new_zeros((3, *mu.shape))
+        g_sums = mu.new_zeros((3, *mu.shape))
     dx, g_weight, g_mu, g_var = torch.ops.adamatch_uan.mixture_sums_backward(
         g_sums, x, context, weight_param, mu, var_param, work, *ctx.options)
     return dx, None, g_weight, g_mu, g_var, None, None, None

@@ -235,7 +235,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_sums_backward(
   check_inputs(in);
   const Layout layout = layout_for(in, parametrised, 0);
   TORCH_CHECK(work.numel() == layout.size, "mixture_sums_backward: the workspace is not this forward's");
-  const Tensor g_sums = grad_sums.contiguous().to(x.scalar_type());
+  // dL/dS is a table: in the tables' dtype (float32 for a bfloat16 x), as the kernel reads it.
+  const Tensor g_sums = grad_sums.contiguous().to(mu.scalar_type());
   MixArgs a = make_args(in, work, layout, 1.0, parametrised, min_weight, min_var);
   const Gradients g(a, in, at::zeros_like(x));
   a.phase = 1;
