@@ -195,7 +195,8 @@ class UAN(nn.Module):
                 channel_var = values.to(torch.promote_types(values.dtype, torch.float32)).var(0, correction=0)
             self.running_channel_var.lerp_(channel_var.to(self.running_channel_var.dtype), self.momentum)
             floor = self.var_floor * channel_var if self.var_floor > 0 else None
-            _, log_weight, var = parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)
+            if likelihood or momentum:  # the mixture itself, outside the transform's node
+                _, log_weight, var = parametrise(self.prior_logits, self.raw_var, self.min_weight, self.min_var)
             if likelihood and len(values):
                 nll = mixture_nll(values, rows, log_weight, self.mean, var, row_context)
                 self.last_nll = nll.detach()
