@@ -39,7 +39,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from adamatch_uan.cli import arguments, run_directory
+from adamatch_uan.cli import arguments, cpu_default, run_directory
 from adamatch_uan.callbacks.backend_report import BackendReport
 from adamatch_uan.callbacks.elapsed import ElapsedTime
 from adamatch_uan.callbacks.final_validation import FinalValidation
@@ -118,6 +118,9 @@ class FitCLI(LightningCLI):
             parser.set_defaults({key: {"class_path": path} for key, path in chosen.items()})
             self.config = parser.parse_args(argv)
         if printing:
+            ckpt_path = self.config.ckpt_path
+            resumed = (run_directory.checkpoint_run(ckpt_path) or Path(ckpt_path).parent) if ckpt_path else None
+            cpu_default.resolve(self.config.trainer, self.config.model.init_args, resumed)
             print(parser.dump(self.config, skip_unset=False), end="")
             raise SystemExit(0)
 
@@ -138,6 +141,8 @@ class FitCLI(LightningCLI):
         else:
             config.run_dir = str(run_directory.choose(config.run_dir, config.ckpt_path, name))
         os.environ[RUN_DIR_VARIABLE] = config.run_dir  # inherited by the processes DDP launches
+        self.cpu_default = cpu_default.resolve(config.trainer, config.model.init_args,
+                                               Path(config.run_dir) if config.ckpt_path else None)
         config.trainer.default_root_dir = config.run_dir
         self.save_config_kwargs["config_filename"] = "config.yaml"
 
@@ -233,6 +238,8 @@ def _fit(cli: FitCLI) -> dict:
     new = not run.exists()
     if trainer.is_global_zero and not trainer.fast_dev_run:
         print(f"run directory: {run}" + (f" (resuming from {config.ckpt_path})" if config.ckpt_path else ""), flush=True)
+        if cli.cpu_default:
+            print(cli.cpu_default, flush=True)
     try:
         with quiet_lightning():
             if config.ckpt_path is not None and trainer.is_global_zero:

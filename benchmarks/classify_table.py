@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from da_table import PRECISION_LAYOUT, RESULTS, ROOT, aggregate, cell, run_cell
+from da_table import LEGACY, PRECISION_LAYOUT, RESULTS, ROOT, aggregate, cell, run_cell
 
 NORMS = ("bn", "mn", "uan")  # the default rows; configs/<dataset>_<row>.yaml also holds uan_momentum, mn_k3
 
@@ -31,7 +31,7 @@ def command(dataset: str, norm: str, seed: int, epochs: int, domain: str | None,
     return [sys.executable, "-m", "adamatch_uan.fit", "--config", str(Path("configs") / f"{dataset}_{norm}.yaml"),
             "--data.root", data_root, "--data.download", "false", *(["--data.domain", domain] if domain else []),
             "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
-            *(PRECISION_LAYOUT[mode] if mode else []),
+            *(PRECISION_LAYOUT[mode] if mode else LEGACY),
             "--seed_everything", str(seed), "--data.seed", str(seed), "--run_dir", str(run_dir)]
 
 

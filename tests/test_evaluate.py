@@ -17,7 +17,8 @@ pytestmark = pytest.mark.xdist_group("evaluate_run")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("evaluate")
-    results = quick_fit(folder / "run", f"npz:{data / 's.npz'}", f"npz:{data / 't.npz'}", "--norm", "mn", steps=4)
+    results = quick_fit(folder / "run", f"npz:{data / 's.npz'}", f"npz:{data / 't.npz'}", "--norm", "mn",
+                        "--trainer.precision", "32-true", steps=4)
     return folder / "run", results
 
 

@@ -23,6 +23,13 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").exists() and list((run / "checkpoints").glob("best-*.ckpt"))
     assert (run / "metrics.csv").exists() and list(run.glob("events.out.tfevents.*"))
     assert "norm: mn" in (run / "config.yaml").read_text()  # the --norm shortcut reached the model
+    from adamatch_uan.cli.cpu_default import native_bfloat16
+
+    # The CPU default, chosen where the CPU computes bfloat16 natively, said and recorded (cli.cpu_default).
+    bfloat16 = native_bfloat16()
+    assert ("precision: bf16-mixed" in (run / "config.yaml").read_text()) == bfloat16
+    assert ("channels_last: true" in (run / "config.yaml").read_text()) == bfloat16
+    assert ("precision: bf16-mixed, channels-last" in done.stdout) == bfloat16
     assert "acc" in done.stdout and "target" in done.stdout  # the printed table
     assert (run / "gradient_variance.csv").exists() and list((run / "activations").glob("*.png"))  # smoke.yaml's callbacks
     from adamatch_uan.norm.backends import backend
@@ -33,6 +40,7 @@ def test_smoke_run_writes_everything_and_resumes(data, tmp_path):
     resumed = fit(*smoke_args(data, run, 9), "--norm", "mn", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["steps"] == 9
+    assert ("precision: bf16-mixed" in (run / "config.yaml").read_text()) == bfloat16  # it went on as it started
 
 
 def test_classify_smoke_config_runs_plain_classification_end_to_end(data, tmp_path):

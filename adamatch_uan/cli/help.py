@@ -69,7 +69,8 @@ def short_help(model: type, data: type, norms: list[str]) -> str:
              *_section(f"Data ({data.__name__}):", "--data.", arguments(data)), "",
              *_section(f"Method ({model.__name__}):", "--model.init_args.", arguments(model, skip=LINKED)), "",
              "Trainer: --trainer.max_steps, --trainer.val_check_interval, --trainer.precision, --trainer.devices, ...;",
-             "  python -m adamatch_uan.fit --help trainer lists them all."]
+             "  python -m adamatch_uan.fit --help trainer lists them all. Unset, the precision is bf16-mixed",
+             "  (channels-last) on a CPU with bfloat16 instructions, else 32-true."]
     return "\n".join(lines)
 
 

@@ -131,7 +131,8 @@ class DomainAdaptationMethod(L.LightningModule):
             (training-mode passes without gradients or labels; ``norm.recalibrated``); None: off.
         channels_last: keep the model and its inputs in ``torch.channels_last`` (NHWC): the layout
             the CPU's convolutions (and the mixture kernel) run fastest in; the results are the
-            same up to floating-point summation order.
+            same up to floating-point summation order. None: the command line decides (channels-last
+            exactly when the run trains in bf16 autocast on the CPU, ``cli.cpu_default``); NCHW here.
         eval_contexts: the context id given to each evaluation set (default: ``target_context``
             for the set named "target", the source id for the others).
     """
@@ -143,7 +144,7 @@ class DomainAdaptationMethod(L.LightningModule):
                  image_size: int = 32, eval_names: Sequence[str] = ("source", "target"),
                  eval_contexts: Sequence[int] | None = None, backbone_options: dict | None = None,
                  class_names: Sequence[str] | None = None, target_context: int = SOURCE,
-                 recalibrate: str | None = None, channels_last: bool = False) -> None:
+                 recalibrate: str | None = None, channels_last: bool | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if eval_contexts is not None and len(eval_contexts) != len(eval_names):
