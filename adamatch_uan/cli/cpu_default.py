@@ -57,12 +57,12 @@ def resolve(trainer, model_args, resumed_run: Path | None = None) -> str | None:
     Returns:
         A line telling the user that the CPU default was chosen, or None.
     """
-    has_layout = getattr(model_args, "channels_last", False) is None
+    layout_unset = getattr(model_args, "channels_last", False) is None
     if resumed_run is not None:
         precision, layout = started_with(resumed_run)
         if trainer.precision is None:
             trainer.precision = precision
-        if has_layout and layout is not None:
+        if layout_unset and layout is not None:
             model_args.channels_last = layout
     chosen = (trainer.precision is None and resumed_run is None and runs_on_cpu(trainer.accelerator)
               and native_bfloat16())
