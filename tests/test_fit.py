@@ -196,6 +196,38 @@ def test_help_and_print_config(capsys):
     assert "GradientVariance" in insight and "every_n_steps: 7" in insight
 
 
+def test_print_config_shows_the_precision_a_run_would_get(capsys, monkeypatch, tmp_path):
+    """The CPU default resolved as a run would resolve it (cli.cpu_default): a new run's, a resumed run's own."""
+    from adamatch_uan.cli import cpu_default
+    from adamatch_uan.fit import main
+
+    monkeypatch.setattr(cpu_default, "native_bfloat16", lambda: True)
+    monkeypatch.setattr(cpu_default, "runs_on_cpu", lambda accelerator: True)
+
+    def printed(*args: str) -> str:
+        with pytest.raises(SystemExit):
+            main([*args, "--print_config"])
+        return capsys.readouterr().out
+
+    assert "precision: bf16-mixed" in printed() and "channels_last: true" in printed()
+    assert "precision: 32-true" in printed("--trainer.precision", "32-true")
+    old = tmp_path / "old"  # a run from before the default, resumed: float32 still
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (old / "results.json").write_text("{}")
+    (old / "config.yaml").write_text("trainer:\n  precision: null\n")
+    resumed = printed("--ckpt_path", str(old / "checkpoints" / "last.ckpt"))
+    assert "precision: null" in resumed and "channels_last: false" in resumed
+    new = tmp_path / "new"  # a bf16 run, resumed where the CPU would not choose bf16: bf16 still
+    (new / "checkpoints").mkdir(parents=True)
+    (new / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (new / "results.json").write_text("{}")
+    (new / "config.yaml").write_text("trainer:\n  precision: bf16-mixed\nmodel:\n  init_args:\n    channels_last: true\n")
+    monkeypatch.setattr(cpu_default, "native_bfloat16", lambda: False)
+    resumed = printed("--ckpt_path", str(new / "checkpoints" / "last.ckpt"))
+    assert "precision: bf16-mixed" in resumed and "channels_last: true" in resumed
+
+
 @needs_shared(*MNIST_FILES, USPS_NPZ)
 def test_real_mnist_to_usps(tmp_path):
     run = tmp_path / "run"
