@@ -177,3 +177,18 @@ def test_confirmatory_rows_retest_trained_checkpoints_with_the_evaluate_command(
     for row in da_table.CONFIRMATORY_ROWS:
         for pair in da_table.PAIRS:
             assert (ROOT / "configs" / f"{pair}_{row}.yaml").exists(), (pair, row)
+
+
+def test_confirmatory_rows_can_be_a_subset_in_table_order_and_nothing_else(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(da_table, "run_one", lambda pair, row, seed, *a, **k: ran.append((row, seed)))
+    monkeypatch.setattr(da_table, "RESULTS", tmp_path)
+    da_table.main(["--pair", "mnist_usps", "--confirmatory", "--rows", "uan_adabn", "uan", "--mode", "bf16-nhwc"])
+    # The retest follows the row it retests, whatever order the user named them in; the seeds stay 3-5.
+    assert ran == [(r, s) for s in da_table.CONFIRMATORY_SEEDS for r in ("uan", "uan_adabn")]
+    ran.clear()
+    da_table.main(["--pair", "mnist_usps", "--confirmatory", "--mode", "bf16-nhwc"])
+    assert [r for r, s in ran if s == 3] == [*da_table.CONFIRMATORY_ROWS, *da_table.RETESTS]
+    with pytest.raises(SystemExit) as e:
+        da_table.main(["--pair", "mnist_usps", "--confirmatory", "--rows", "mn_k3"])
+    assert e.value.code == 2
