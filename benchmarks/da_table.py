@@ -263,11 +263,17 @@ def aggregate(summaries: Iterable[dict]) -> dict[str, dict]:
 
 def time_to_accuracy(table: dict[str, dict], summaries: Iterable[dict]) -> None:
     """Add to each row with target curves ``"steps to <t>"``: per threshold of ``THRESHOLDS``, the first
-    validation step (and its seconds) where the target accuracy reached it, for the seeds that did, in place."""
+    validation step (and its seconds) where the target accuracy reached it, for the seeds that did, in place.
+
+    A summary with ``"paused"`` (why: the cell was stopped or shared the machine while it ran) keeps its
+    steps but not its seconds: the wall time counts the pause."""
     curves: dict[str, dict[int, list]] = {}
+    paused: dict[str, set[int]] = {}
     for s in summaries:
         if s.get("target_curve") and s.get("status") == "finished":
             curves.setdefault(s["row"], {})[s["seed"]] = s["target_curve"]
+            if s.get("paused"):
+                paused.setdefault(s["row"], set()).add(s["seed"])
     for row, by_seed in curves.items():
         if row not in table:
             continue
@@ -275,10 +281,12 @@ def time_to_accuracy(table: dict[str, dict], summaries: Iterable[dict]) -> None:
             reached = {seed: next(([step, t] for step, acc, t in curve if acc >= threshold), None)
                        for seed, curve in sorted(by_seed.items())}
             hits = [v for v in reached.values() if v is not None]
+            timed = [v[1] for seed, v in reached.items() if v is not None and v[1] is not None
+                     and seed not in paused.get(row, ())]
             table[row][f"steps to {threshold:.2f}"] = {
                 "seeds": len(reached), "reached": len(hits), "per_seed": reached,
                 "mean_steps": statistics.fmean(h[0] for h in hits) if hits else None,
-                "mean_seconds": statistics.fmean(h[1] for h in hits if h[1] is not None) if any(h[1] is not None for h in hits) else None}
+                "mean_seconds": statistics.fmean(timed) if timed else None, "timed_seeds": len(timed)}
 
 
 def paired_difference(table: dict[str, dict], baseline: str = "bn", key: str = "target/acc") -> None:

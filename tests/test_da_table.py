@@ -150,6 +150,11 @@ def test_time_to_accuracy_is_the_first_validation_at_each_threshold(tmp_path):
     assert to95["mean_steps"] == 300 and to95["reached"] == 1 and to95["per_seed"][1] is None
     text = da_table.markdown(table, "t")
     assert "| 150 (2/2) | 300 (1/2) |" in text
+    # A cell that was paused while it ran keeps its steps; its seconds count the pause and are left out.
+    summaries[1]["paused"] = "stopped for 7 minutes between steps 100 and 200"
+    da_table.time_to_accuracy(table, summaries)
+    to90 = table["bn"]["steps to 0.90"]
+    assert to90["mean_steps"] == 150 and to90["mean_seconds"] == 121.0 and to90["timed_seeds"] == 1
 
 
 def test_confirmatory_rows_retest_trained_checkpoints_with_the_evaluate_command(tmp_path, monkeypatch):
