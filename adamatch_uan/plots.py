@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -94,6 +95,8 @@ def activation_figure(samples: Mapping[str, np.ndarray], mixture: tuple[np.ndarr
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     for name, v in values.items():
+        if not ((v >= lo) & (v <= hi)).any():  # nothing in the drawn range: its density would be 0/0
+            continue
         ax.hist(v, bins=80, range=(lo, hi), density=True, histtype="stepfilled", alpha=0.35, label=f"{name} activations")
     components = component_densities(x, *mixture, channel=channel)
     for k, density in enumerate(components):
@@ -296,9 +299,13 @@ MISSING = {
 }
 
 
+FIGURES = ("gradient_variance", "validation", "accuracy", "heatmap", "activations")
+
+
 def write_figures(run_dirs: Sequence[str | Path], out: str | Path | None = None,
-                  kind: str = "total") -> tuple[list[Path], list[str]]:
-    """Write the figures the runs have data for as PNG into ``out`` (default: the first run's ``figures/``).
+                  kind: str = "total", which: Sequence[str] = FIGURES) -> tuple[list[Path], list[str]]:
+    """Write the figures of ``which`` (``FIGURES``; "heatmap" and "activations" are one per run) that the runs
+    have data for as PNG into ``out`` (default: the first run's ``figures/``).
 
     Returns:
         The files written, and a note per run and figure it has no data for (with the callback to enable).
@@ -311,20 +318,22 @@ def write_figures(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     has = {"gradient variance": [bool(variance_by_step(run, kind)) for run in runs],
            "validation": [any(k.startswith("val/") for k in run.metrics) for run in runs],
            "activations": [bool(run.activations) for run in runs]}
-    notes = [f"{run.path} has no {MISSING[what]}" for what, flags in has.items()
+    needs = {"gradient variance": ("gradient_variance", "heatmap"), "validation": ("validation", "accuracy"),
+             "activations": ("activations",)}
+    notes = [f"{run.path} has no {MISSING[what]}" for what, flags in has.items() if set(needs[what]) & set(which)
              for run, flag in zip(runs, flags) if not flag]
     figures = {}
-    if any(has["gradient variance"]):
+    if "gradient_variance" in which and any(has["gradient variance"]):
         figures["gradient_variance.png"] = gradient_variance_figure(runs, kind)
-    if any(has["validation"]):
+    if "validation" in which and any(has["validation"]):
         figures["validation.png"] = validation_figure(runs)
-    if any(run.metrics.get("val/target/acc") for run in runs):
+    if "accuracy" in which and any(run.metrics.get("val/target/acc") for run in runs):
         figures["accuracy.png"] = accuracy_curves_figure(runs)
     for i, run in enumerate(runs):
         tag = f"{i}-{run.path.name}"
-        if has["gradient variance"][i]:
+        if "heatmap" in which and has["gradient variance"][i]:
             figures[f"heatmap-{tag}.png"] = layer_heatmap_figure(run, kind)
-        if has["activations"][i]:
+        if "activations" in which and has["activations"][i]:
             figures[f"activations-{tag}.png"] = activation_gallery_figure(run)
     written = []
     if figures:
@@ -350,9 +359,11 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=str | None, default=None, help="output folder (default RUN_DIR/figures)")
     parser.add_argument("--kind", type=str, default="total",
                         help="gradient kind: total, source, target, logits_source, logits_target")
+    parser.add_argument("--figures", type=list[Literal[FIGURES]], default=list(FIGURES),
+                        help="which figures (default all), e.g. --figures [accuracy] for a sweep's curves alone")
     config = parser.parse_args(args)
     try:
-        written, notes = write_figures(config.run_dirs, config.out, config.kind)
+        written, notes = write_figures(config.run_dirs, config.out, config.kind, config.figures)
     except FileNotFoundError as error:
         raise UserError(str(error)) from error
     for path in written:

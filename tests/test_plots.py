@@ -185,3 +185,15 @@ def test_accuracy_curves_average_the_seeds_of_each_configuration(tmp_path):
     bn, uan = ax.get_lines()
     assert list(bn.get_xdata()) == [100, 200] and list(bn.get_ydata()) == pytest.approx([70.0, 90.0])
     assert "(2 seeds)" in bn.get_label() and "(1 seeds)" in uan.get_label()
+
+
+def test_the_cli_writes_only_the_figures_asked_for(tmp_path):
+    runs = [fake_run(tmp_path / n, n) for n in ("bn", "mn")]
+    out = tmp_path / "figures"
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.plots", *map(str, runs), "--out", str(out),
+                           "--figures", "[accuracy]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in out.glob("*.png")} == {"accuracy.png"}
+    done = subprocess.run([sys.executable, "-m", "adamatch_uan.plots", *map(str, runs), "--figures", "[acuracy]"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "acuracy" in done.stderr and "Traceback" not in done.stderr
