@@ -197,3 +197,16 @@ def test_confirmatory_rows_can_be_a_subset_in_table_order_and_nothing_else(tmp_p
     with pytest.raises(SystemExit) as e:
         da_table.main(["--pair", "mnist_usps", "--confirmatory", "--rows", "mn_k3"])
     assert e.value.code == 2
+
+
+def test_the_confirmatory_table_pairs_uan_with_the_reviewers_baselines(tmp_path, monkeypatch):
+    monkeypatch.setattr(da_table, "RESULTS", tmp_path)
+    out = tmp_path / "da_table" / "mnist_usps-500steps-bf16-nhwc-confirmatory"
+    out.mkdir(parents=True)
+    for row, accs in (("bn", (0.960, 0.965)), ("uan", (0.970, 0.973)), ("bn_ctx", (0.972, 0.966))):
+        for seed, acc in zip((3, 4), accs):
+            (out / f"{row}-seed{seed}.json").write_text(json.dumps(summary(row, seed, acc)))
+    table = da_table.main(["--pair", "mnist_usps", "--confirmatory", "--mode", "bf16-nhwc", "--aggregate-only"])
+    assert table["uan"]["target/acc − bn_ctx"]["values"] == pytest.approx([-0.002, 0.007])
+    text = (tmp_path / "da_table_mnist_usps-500steps-bf16-nhwc-confirmatory.md").read_text()
+    assert "| uan | +0.25 ± 0.64 (-0.2, +0.7) |" in text
