@@ -67,3 +67,13 @@ def test_the_confirmatory_seeds_choose_nothing(tmp_path, fake):
     with pytest.raises(SystemExit) as e:
         lr_select.main(["--pair", "mnist_usps", "--row", "gn", "--lrs", "0.01", "--seeds", "0", "3"])
     assert e.value.code == 2 and fake.commands == []
+
+
+def test_every_committed_choice_is_what_its_config_pins():
+    import yaml
+
+    chosen = sorted((ROOT / "benchmarks" / "results").glob("lr_select_*.json"))
+    for path in chosen:
+        result = json.loads(path.read_text())
+        config = yaml.safe_load((ROOT / "configs" / f"{result['pair']}_{result['row']}.yaml").read_text())
+        assert config["model"]["init_args"]["lr"] == result["chosen_lr"], path.name
