@@ -19,6 +19,10 @@ a sweep can span machines); a run whose summary exists is skipped, a run that wa
 resumes from its last checkpoint, a run that stopped on a non-finite loss is recorded as diverged. The aggregate, mean ± sample std over seeds and
 every seed, with each row's per-seed difference from BN, goes to
 ``benchmarks/results/da_table_<tag>.{json,md}`` (the same folder name) and is printed.
+``--confirmatory`` runs the confirmatory rows and retests at seeds 3–5 (``--rows`` a subset of
+them) and adds UAN's paired differences from per-domain BN and AdaBN. A summary given a
+``"paused"`` note (the cell was stopped, or shared the machine) keeps its steps to accuracy but
+not its seconds.
 """
 
 from __future__ import annotations
