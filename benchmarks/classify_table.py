@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from da_table import LEGACY, PRECISION_LAYOUT, RESULTS, ROOT, aggregate, cell, run_cell
+from da_table import LEGACY, PRECISION_LAYOUT, RESULTS, ROOT, aggregate, cell, publish, run_cell
 
 NORMS = ("bn", "mn", "uan")  # the default rows; configs/<dataset>_<row>.yaml also holds uan_momentum, mn_k3
 
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                         args.mode)
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     table = aggregate(summaries)
-    (RESULTS / f"classify_{tag}.json").write_text(json.dumps(table, indent=1) + "\n")
-    text = markdown(table, summaries, f"{args.dataset}, shallow CNN, {args.epochs} epochs")
-    (RESULTS / f"classify_{tag}.md").write_text(text)
-    print(text)
+    publish(RESULTS / f"classify_{tag}", table, markdown(table, summaries, f"{args.dataset}, shallow CNN, {args.epochs} epochs"))
     return table
 
 

@@ -174,6 +174,13 @@ def run_cell(path: Path, run_dir: Path, args: list[str], fields: dict,
     return summary
 
 
+def publish(stem: Path, data: dict, text: str) -> None:
+    """A sweep's aggregate as ``<stem>.json`` (``data``) and ``<stem>.md`` (``text``), and ``text`` printed."""
+    stem.parent.joinpath(f"{stem.name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    stem.parent.joinpath(f"{stem.name}.md").write_text(text)
+    print(text)
+
+
 def target_curve(run_dir: Path) -> list[list[float]]:
     """[step, target accuracy of the EMA model, seconds since training started] at each validation that
     scored the target (``--data.val_target``), from the run's metrics.csv."""
@@ -405,9 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
             paired_difference(table, baseline)
         text += "\nUAN against the reviewers' baselines, paired by seed:\n\n" + against_markdown(
             table, REVIEWED, REVIEWED_AGAINST)
-    (RESULTS / f"da_table_{tag}.json").write_text(json.dumps(table, indent=1) + "\n")
-    (RESULTS / f"da_table_{tag}.md").write_text(text)
-    print(text)
+    publish(RESULTS / f"da_table_{tag}", table, text)
     return table
 
 
@@ -443,9 +448,7 @@ def guard(pair: str, steps: int, first: str, second: str) -> dict:
                      f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({', '.join(f'{100 * v:+.1f}' for v in d['values'])}) | "
                      f"{100 * r['spread'][first]:.2f} |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"da_guard_{pair}-{steps}steps.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / f"da_guard_{pair}-{steps}steps.md").write_text(text)
-    print(text)
+    publish(RESULTS / f"da_guard_{pair}-{steps}steps", rows, text)
     return rows
 
 

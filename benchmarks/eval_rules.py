@@ -30,7 +30,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from da_table import RESULTS, ROOT, portable
+from da_table import RESULTS, ROOT, portable, publish
 
 ROWS = ("uan", "uan_momentum", "uan_ctx", "uan_ctx_momentum", "uan_input")
 CONTEXT_NAMES = {0: "source", 1: "target"}
@@ -159,10 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                 out.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(summarise(run_dir, args.pair, row, seed, args.steps), indent=1) + "\n")
     table = aggregate([json.loads(p.read_text()) for p in sorted(out.glob("*.json"))])
-    (RESULTS / f"eval_rules_{tag}.json").write_text(json.dumps(table, indent=1) + "\n")
-    text = markdown(table, f"{args.pair.replace('_', ' → ')} ({args.steps} steps): evaluation rules on the same weights")
-    (RESULTS / f"eval_rules_{tag}.md").write_text(text)
-    print(text)
+    publish(RESULTS / f"eval_rules_{tag}", table,
+            markdown(table, f"{args.pair.replace('_', ' → ')} ({args.steps} steps): evaluation rules on the same weights"))
     return table
 
 

@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {lr}{' (chosen)' if lr == best else ''} | {', '.join(map(str, args.seeds))} | "
                      f"{'; '.join(f'{100 * v:.1f}' for v in entry['source_val_acc'])} | {100 * entry['mean']:.1f} |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"lr_select_{args.pair}_{args.row}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"lr_select_{args.pair}_{args.row}.md").write_text(text)
-    print(text)
+    da_table.publish(RESULTS / f"lr_select_{args.pair}_{args.row}", result, text)
     return result
 
 
