@@ -2,6 +2,10 @@
 
     python benchmarks/norm_speed.py [--device cuda] [--repeats 15] [--out benchmarks/results/norm_speed.json]
     python benchmarks/norm_speed.py --device cuda --backends torch compiled triton --out benchmarks/results/norm_speed_cuda.json
+    python benchmarks/norm_speed.py --mode bf16-nhwc --out benchmarks/results/norm_speed_bf16_nhwc.json
+
+``--mode bf16-nhwc`` times every layer as the fastest CPU training mode runs it: a bfloat16
+channels-last input (as a bf16 convolution writes it), the layer channels-last, under bf16 autocast.
 
 With ``--backends`` every mixture layer (uan, uan_ctx, mn) is timed on each backend named: the
 torch-ops backend ("torch"), the same under ``torch.compile`` ("compiled", a baseline) and the
@@ -33,6 +37,8 @@ import torch
 from adamatch_uan.norm import backends as kernel, make_norm
 
 SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 128, 8, 8), (256, 256)]
+# mode -> (the input's dtype, its memory format)
+MODES = {"fp32-nchw": (torch.float32, torch.contiguous_format), "bf16-nhwc": (torch.bfloat16, torch.channels_last)}
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth of the SXM parts, GB/s
 
 
@@ -73,13 +79,16 @@ def step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, context: t
     y.backward(grad)
 
 
-def measure(shape: tuple[int, ...], device: str, repeats: int,
-            backends: list[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+def measure(shape: tuple[int, ...], device: str, repeats: int, backends: list[str] | None = None,
+            mode: str = "fp32-nchw") -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per step and median minor page faults per step, per layer."""
-    x = torch.randn(shape, device=device, requires_grad=True)
-    grad = torch.randn(shape, device=device)
+    dtype, layout = MODES[mode]
+    layout = layout if len(shape) == 4 else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=layout).requires_grad_()
+    grad = torch.randn_like(x)
     context = torch.arange(shape[0], device=device) % 2
-    built = layers(shape[1], device, backends)
+    built = {name: (layer.to(memory_format=layout), backend)
+             for name, (layer, backend) in layers(shape[1], device, backends).items()}
     times: dict[str, list[float]] = {name: [] for name in built}
     faults: dict[str, list[int]] = {name: [] for name in built}
     for i in range(repeats + 2):
@@ -91,7 +100,7 @@ def measure(shape: tuple[int, ...], device: str, repeats: int,
                 torch.cuda.synchronize()
             faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
-            with on_backend(backend):
+            with on_backend(backend), torch.autocast(x.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
                 step(layer, x, grad, context)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -109,14 +118,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--backends", nargs="+", choices=["torch", "compiled", "triton"], default=None,
                         help="time every mixture layer on each of these backends")
+    parser.add_argument("--mode", default="fp32-nchw", choices=list(MODES))
+    parser.add_argument("--tau-cache-mib", type=float, default=None,
+                        help="the compiled kernel's τ cache (default: backends.TAU_CACHE_BYTES)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/norm_speed.json"))
     args = parser.parse_args()
+    if args.tau_cache_mib is not None:
+        kernel.TAU_CACHE_BYTES = int(args.tau_cache_mib * 2**20)
     rows = []
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     peak = next((gbs for key, gbs in PEAK_GBS.items() if gpu and key in gpu), None)
     for shape in SHAPES:
-        medians, faults = measure(shape, args.device, args.repeats, args.backends)
-        moved = 4 * math.prod(shape) * 4  # x, y, ∂L/∂y, ∂L/∂x in float32
+        medians, faults = measure(shape, args.device, args.repeats, args.backends, args.mode)
+        moved = 4 * math.prod(shape) * MODES[args.mode][0].itemsize  # x, y, ∂L/∂y, ∂L/∂x
         bandwidth = {k: moved / v / 1e9 for k, v in medians.items()}
         rows.append({"shape": list(shape), "median_s": medians, "median_page_faults": faults,
                      "ratio_to_bn": {k: v / medians["bn"] for k, v in medians.items()},
@@ -125,7 +139,8 @@ def main() -> None:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device, "gpu": gpu,
               "peak_gbs": peak,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "cpu_kernel": kernel.kernel_available(), "repeats": args.repeats, "rows": rows}
+              "cpu_kernel": kernel.kernel_available(), "mode": args.mode,
+              "tau_cache_bytes": kernel.TAU_CACHE_BYTES, "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     names = list(rows[0]["median_s"])

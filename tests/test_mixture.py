@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from adamatch_uan.norm import Mixture, mixture_normalize
+from adamatch_uan.norm.mixture import sample_moments
 
 from formulas import transform
 
@@ -208,3 +209,16 @@ def test_cuda_matches_float64_on_the_cpu_and_runs_under_bf16_autocast(spatial):
                                  context.cuda())
     y.float().pow(2).sum().backward()
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all() and torch.isfinite(inputs[0].grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_moments_match_float64_even_far_from_zero(dtype):
+    """A sample whose mean is 10⁴ spreads: unshifted float32 moments (E v² − m²) lose the variance to cancellation."""
+    torch.manual_seed(0)
+    values = (1e4 + torch.randn(4096, 8) * torch.linspace(0.5, 4, 8)).to(dtype)
+    mean, var = sample_moments(values)
+    exact = values.double()
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), exact.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), exact.var(0, correction=0), rtol=1e-4, atol=0)
+    assert sample_moments(values[:1])[1].eq(0).all()

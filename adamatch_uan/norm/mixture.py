@@ -160,6 +160,19 @@ def sample_positions(x: Tensor, max_samples: int) -> tuple[Tensor, Tensor]:
     return rows, x.detach()[rows, :, picks % p]
 
 
+def sample_moments(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance per channel of sampled values (S, C), S ≥ 1, in float32 (float64 stays).
+
+    Shifted moments about the first sample v₀: m = mean_s(v − v₀), var = mean_s((v − v₀)²) − m²,
+    mean = v₀ + m. The shift keeps float32 from cancelling when the mean is large against the spread,
+    and column sums are vectorized where torch's Welford variance over dim 0 is not.
+    """
+    v = values.detach().to(torch.promote_types(values.dtype, torch.float32))
+    d = v - v[0]
+    m = d.mean(0)
+    return v[0] + m, (d.square().mean(0) - m.square()).clamp_min(0)
+
+
 def mixture_normalize(x: Tensor, mixture: Mixture | LearnedMixture, weight: Tensor | None, bias: Tensor | None,
                       eps: float, context: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
                       running: backends.Running | None = None, batch_stats: bool = True,

@@ -46,7 +46,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from adamatch_uan.norm.mixture import Mixture, mixture_normalize, positions, sample_positions, spread_mixture
+from adamatch_uan.norm.mixture import (Mixture, mixture_normalize, positions, sample_moments, sample_positions,
+                                       spread_mixture)
 from adamatch_uan.norm.sync import all_reduce, channel_moments, distributed
 
 TauFrom = Literal["fit", "running"]
@@ -183,13 +184,14 @@ class MixtureNorm(nn.Module):
 
     @torch.no_grad()
     def _fit(self, x: Tensor) -> None:
-        _, sampled = sample_positions(positions(x.detach().float())[0], self.max_samples)
+        _, sampled = sample_positions(positions(x.detach())[0], self.max_samples)
+        sampled = sampled.float()  # the sample, not the whole input, in float32
         values = sampled.T.contiguous()  # (C, S)
         synced = self.sync_stats and distributed(self.process_group)
         if synced:  # every process's samples: the same start and fit on all
             channel_mean, channel_var = channel_moments(sampled, self.process_group)
         else:
-            channel_mean, channel_var = values.mean(1), values.var(1, correction=0)
+            channel_mean, channel_var = sample_moments(sampled)
         min_var = (self.var_floor * channel_var).clamp_min(self.min_var)
         first = bool(self.num_fits == 0)
         if first:

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from adamatch_uan.norm.backends.torch_ops import parametrise
-from adamatch_uan.norm.mixture import (LearnedMixture, Mixture, mixture_normalize, positions, sample_positions,
-                                       spread_mixture, validate_context)
+from adamatch_uan.norm.mixture import (LearnedMixture, Mixture, mixture_normalize, positions, sample_moments,
+                                       sample_positions, spread_mixture, validate_context)
 from adamatch_uan.norm.mixture_fit import add_to_objective, component_shares, mixture_nll, stepwise_update
 from adamatch_uan.norm.sync import channel_moments, distributed
 
@@ -192,7 +192,7 @@ class UAN(nn.Module):
             if synced:
                 channel_var = channel_moments(values, self.process_group)[1]
             else:
-                channel_var = values.to(torch.promote_types(values.dtype, torch.float32)).var(0, correction=0)
+                channel_var = sample_moments(values)[1]
             self.running_channel_var.lerp_(channel_var.to(self.running_channel_var.dtype), self.momentum)
             floor = self.var_floor * channel_var if self.var_floor > 0 else None
             if likelihood or momentum:  # the mixture itself, outside the transform's node
