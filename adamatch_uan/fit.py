@@ -19,7 +19,9 @@ resumes a run in its directory, its history continued. The first non-finite loss
 stops the run with a message naming the step, loss term and layers (``callbacks.NonFiniteGuard``),
 and the command exits with status 1; Ctrl+C prints the checkpoint it wrote and the resume command.
 ``--trainer.sync_batchnorm true`` syncs every norm layer's statistics across processes under
-DDP (``callbacks.MixtureSync``), not only BatchNorm's.
+DDP (``callbacks.MixtureSync``), not only BatchNorm's. On the CPU, malloc keeps the memory torch
+frees for the next step instead of returning it to the OS (``cli.cpu_memory``;
+``ADAMATCH_UAN_KEEP_FREED_MEMORY=0`` leaves malloc as it is).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from adamatch_uan.cli import arguments, cpu_default, run_directory
+from adamatch_uan.cli import arguments, cpu_default, cpu_memory, run_directory
 from adamatch_uan.callbacks.backend_report import BackendReport
 from adamatch_uan.callbacks.elapsed import ElapsedTime
 from adamatch_uan.callbacks.final_validation import FinalValidation
@@ -236,6 +238,8 @@ def _fit(cli: FitCLI) -> dict:
     if config.ckpt_path is not None:
         run_directory.check_checkpoint(config.ckpt_path, type(model), dict(model.hparams))
     new = not run.exists()
+    if cpu_default.runs_on_cpu(trainer.accelerator):
+        cpu_memory.keep_freed_memory()
     if trainer.is_global_zero and not trainer.fast_dev_run:
         print(f"run directory: {run}" + (f" (resuming from {config.ckpt_path})" if config.ckpt_path else ""), flush=True)
         if cli.cpu_default:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from adamatch_uan.cli import cpu_memory
 from adamatch_uan.norm import backends as kernel, make_norm
 
 SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 128, 8, 8), (256, 256)]
@@ -121,8 +122,10 @@ def main() -> None:
     parser.add_argument("--mode", default="fp32-nchw", choices=list(MODES))
     parser.add_argument("--tau-cache-mib", type=float, default=None,
                         help="the compiled kernel's τ cache (default: backends.TAU_CACHE_BYTES)")
+    cpu_memory.add_option(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/norm_speed.json"))
     args = parser.parse_args()
+    kept = args.device == "cpu" and cpu_memory.kept(args)
     if args.tau_cache_mib is not None:
         kernel.TAU_CACHE_BYTES = int(args.tau_cache_mib * 2**20)
     rows = []
@@ -140,7 +143,7 @@ def main() -> None:
               "peak_gbs": peak,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "cpu_kernel": kernel.kernel_available(), "mode": args.mode,
-              "tau_cache_bytes": kernel.TAU_CACHE_BYTES, "repeats": args.repeats, "rows": rows}
+              "tau_cache_bytes": kernel.TAU_CACHE_BYTES, "freed_memory_kept": kept, "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     names = list(rows[0]["median_s"])

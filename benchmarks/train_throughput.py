@@ -18,7 +18,8 @@ One step: batch B labelled source and uratio·B unlabelled target images (each w
 and a strong view), ShallowCNN with the norm at all layers, Lightning's own training loop.
 Norms are run in alternating rounds (each round: a short fit per norm) so machine noise
 hits them alike; the first step of every fit is warm-up and not timed. Images per second
-count source + target images per step over the median step time.
+count source + target images per step over the median step time. ``--freed-memory keep`` times
+the steps with malloc keeping freed memory, as ``fit`` runs them on the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from datetime import datetime, timezone
@@ -35,6 +37,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from adamatch_uan.cli import cpu_memory
 from adamatch_uan.methods import AdaMatch
 
 PARTS = ["augment", "passes", "backward", "optimizer", "ema"]
@@ -148,10 +151,12 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["shallow_cnn", "wide_resnet"],
                         help="backbones of the split step (--device cuda, or --split)")
     parser.add_argument("--split", action="store_true", help="the split step on the CPU too")
+    cpu_memory.add_option(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
     args = parser.parse_args()
     if args.device == "cuda" or args.split:
         return split_main(args)
+    kept = cpu_memory.kept(args)
     torch.manual_seed(0)
     images = args.batch * (1 + args.uratio)
     rows: dict[str, dict] = {}
@@ -180,7 +185,8 @@ def main() -> None:
               "machine": f"{platform.machine()}, {platform.processor() or ''} {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}",
               "command": "python benchmarks/train_throughput.py " + " ".join(__import__("sys").argv[1:]),
-              "batch": args.batch, "uratio": args.uratio, "rounds": args.rounds, "rows": rows}
+              "batch": args.batch, "uratio": args.uratio, "rounds": args.rounds, "freed_memory_kept": kept,
+              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     table = markdown(rows, args.modes)
