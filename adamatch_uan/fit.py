@@ -19,9 +19,8 @@ resumes a run in its directory, its history continued. The first non-finite loss
 stops the run with a message naming the step, loss term and layers (``callbacks.NonFiniteGuard``),
 and the command exits with status 1; Ctrl+C prints the checkpoint it wrote and the resume command.
 ``--trainer.sync_batchnorm true`` syncs every norm layer's statistics across processes under
-DDP (``callbacks.MixtureSync``), not only BatchNorm's. On the CPU, malloc keeps the memory torch
-frees for the next step instead of returning it to the OS (``cli.cpu_memory``;
-``ADAMATCH_UAN_KEEP_FREED_MEMORY=0`` leaves malloc as it is).
+DDP (``callbacks.MixtureSync``), not only BatchNorm's. With ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1`` a CPU run
+has malloc keep the memory torch frees instead of returning it to the OS (``cli.cpu_memory``).
 """
 
 from __future__ import annotations
@@ -239,7 +238,7 @@ def _fit(cli: FitCLI) -> dict:
         run_directory.check_checkpoint(config.ckpt_path, type(model), dict(model.hparams))
     new = not run.exists()
     if cpu_default.runs_on_cpu(trainer.accelerator):
-        cpu_memory.keep_freed_memory()
+        cpu_memory.from_environment()
     if trainer.is_global_zero and not trainer.fast_dev_run:
         print(f"run directory: {run}" + (f" (resuming from {config.ckpt_path})" if config.ckpt_path else ""), flush=True)
         if cli.cpu_default:

@@ -19,7 +19,7 @@ and a strong view), ShallowCNN with the norm at all layers, Lightning's own trai
 Norms are run in alternating rounds (each round: a short fit per norm) so machine noise
 hits them alike; the first step of every fit is warm-up and not timed. Images per second
 count source + target images per step over the median step time. ``--freed-memory keep`` times
-the steps with malloc keeping freed memory, as ``fit`` runs them on the CPU.
+the steps with malloc keeping freed memory, as ``fit`` runs them with ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``.
 """
 
 from __future__ import annotations

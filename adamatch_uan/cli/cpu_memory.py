@@ -1,13 +1,18 @@
-"""Freed memory stays with a CPU training process instead of going back to the OS at every free.
+"""Opt-in: freed memory stays with a CPU training process instead of going back to the OS at every free.
 
 glibc's malloc serves a large block (over its mmap threshold: 128 KiB, rising with the blocks freed
 to at most 32 MiB) with its own mmap and returns it with munmap when torch frees it, and gives the
 heap's free top back too, so the next step's activations arrive as fresh pages that the kernel
 faults in and zeroes 4 KiB at a time: thousands of page faults per layer and step (what they cost:
 docs/RESULTS.md, "Page faults"). With mmap off (``M_MMAP_MAX`` 0) and trimming only of a free
-heap top over 2 GiB (``M_TRIM_THRESHOLD``) every block comes from the heap and a freed one is
-reused, as torch's CUDA caching allocator reuses GPU memory: the process keeps its peak heap
-instead of returning it between steps. ``ADAMATCH_UAN_KEEP_FREED_MEMORY=0`` leaves malloc as it is.
+heap top over 2 GiB (``M_TRIM_THRESHOLD``) every block comes from the heap and stays there when freed.
+
+It is not the default because the heap can then grow where glibc's default would not: torch asks
+for 64-byte aligned blocks, and a freed block that small allocations have since hemmed in is too
+small for the same request plus its alignment slack, so the heap grows by a block each time (a
+loop that allocates and frees one 64 MiB tensor grows it by 64 MiB a step). Training steps reused
+their blocks in the benchmarks, but no long run was measured. ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``
+turns it on for ``fit`` on the CPU; the benchmarks take ``--freed-memory keep``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 def keep_freed_memory() -> bool:
     """Turn off glibc malloc's mmap blocks and heap trimming for the rest of this process (see the
-    module docstring); whether it did (False off Linux/glibc, or with ``ADAMATCH_UAN_KEEP_FREED_MEMORY=0``)."""
-    if os.environ.get(VARIABLE, "1") == "0" or not sys.platform.startswith("linux"):
+    module docstring); whether it did (False off Linux/glibc)."""
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -38,12 +43,16 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def from_environment() -> bool:
+    """``keep_freed_memory()`` if ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``; whether freed memory is kept."""
+    return os.environ.get(VARIABLE) == "1" and keep_freed_memory()
+
+
 def add_option(parser: argparse.ArgumentParser) -> None:
     """``--freed-memory {release,keep}`` for a benchmark: glibc's default malloc (release, the default, which
-    the benchmarks' earlier recorded commands ran) or what ``fit`` runs on the CPU (keep); ``kept(args)``
-    applies it."""
+    the benchmarks' earlier recorded commands ran) or kept freed memory (keep); ``kept(args)`` applies it."""
     parser.add_argument("--freed-memory", choices=["release", "keep"], default="release",
-                        help="release: glibc's default; keep: malloc reuses freed blocks, as fit sets it on the CPU")
+                        help="release: glibc's default; keep: malloc keeps freed blocks (ADAMATCH_UAN_KEEP_FREED_MEMORY=1)")
 
 
 def kept(args: argparse.Namespace) -> bool:
