@@ -10,8 +10,8 @@ heap top over 2 GiB (``M_TRIM_THRESHOLD``) every block comes from the heap and s
 It is not the default because the heap can then grow where glibc's default would not: torch asks
 for 64-byte aligned blocks, and a freed block that small allocations have since hemmed in is too
 small for the same request plus its alignment slack, so the heap grows by a block each time (a
-loop that allocates and frees one 64 MiB tensor grows it by 64 MiB a step). Training steps reused
-their blocks in the benchmarks, but no long run was measured. ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``
+probe that allocates and frees one large tensor in a loop does: docs/RESULTS.md, "Page faults").
+Training steps reused their blocks in the benchmarks, but no long run was measured. ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``
 turns it on for ``fit`` on the CPU; the benchmarks take ``--freed-memory keep``.
 """
 
