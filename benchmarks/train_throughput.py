@@ -154,9 +154,9 @@ def main() -> None:
     cpu_memory.add_option(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
     args = parser.parse_args()
+    kept = args.device == "cpu" and cpu_memory.kept(args)  # before the split step too, which would otherwise ignore it
     if args.device == "cuda" or args.split:
         return split_main(args)
-    kept = cpu_memory.kept(args)
     torch.manual_seed(0)
     images = args.batch * (1 + args.uratio)
     rows: dict[str, dict] = {}
