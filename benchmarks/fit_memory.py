@@ -1,0 +1,149 @@
+"""Memory and speed of a long CPU ``fit`` under each way of serving freed memory, one run at a time.
+
+    python benchmarks/fit_memory.py [--allocators release keep tcmalloc] [--rows bn uan] [--steps 1000] \
+        [--out benchmarks/results/fit_memory.json]
+
+Each run is the MNIST → USPS cell of ``da_table.py`` (batch 32 + 96, bf16 channels-last, validation every
+100 steps, seed 3) for ``--steps`` steps, in a temporary run directory, with freed memory served by:
+
+- ``release``: glibc's malloc as it is (``ADAMATCH_UAN_KEEP_FREED_MEMORY=0``);
+- ``keep``: glibc's malloc keeping freed memory (``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``, ``cpu_memory.py``);
+- ``tcmalloc``: gperftools' tcmalloc preloaded (``LD_PRELOAD``; Debian's ``libtcmalloc-minimal4``), a
+  caching allocator that keeps freed spans and releases them gradually.
+
+The process's resident memory (VmRSS) is sampled every second. What decides whether a way of keeping memory
+is safe for a long run is whether its memory stops growing: the JSON has each run's samples, its peak, the
+peak of each half of training (by the validations' elapsed time), and the seconds per step between the
+first and the last validation (start, data loading and the final test excluded). The markdown table has
+the peaks and the seconds per step. Run nothing else on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import da_table  # noqa: E402
+
+ALLOCATORS = ("release", "keep", "tcmalloc")
+TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
+
+
+def tcmalloc_path() -> str | None:
+    """The shared library of an installed tcmalloc, or None."""
+    for name in TCMALLOC:
+        found = ctypes.util.find_library(name)
+        if found:
+            for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+                if Path(folder, found).exists():
+                    return str(Path(folder, found))
+            return found
+    return None
+
+
+def environment(allocator: str) -> dict[str, str]:
+    env = dict(os.environ, ADAMATCH_UAN_KEEP_FREED_MEMORY="1" if allocator == "keep" else "0")
+    env.pop("LD_PRELOAD", None)
+    if allocator == "tcmalloc":
+        path = tcmalloc_path()
+        if path is None:
+            raise SystemExit("error: --allocators tcmalloc: no tcmalloc library found; "
+                             "install it (Debian: apt-get install libtcmalloc-minimal4) or leave tcmalloc out")
+        env["LD_PRELOAD"] = path
+    return env
+
+
+def resident_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def validated(run_dir: Path) -> int:
+    """The last step whose validation the run has logged so far (0 before the first)."""
+    try:
+        return max((step for step, _, _ in da_table.target_curve(run_dir)), default=0)
+    except (OSError, KeyError, ValueError):  # not written yet, or caught mid-write
+        return 0
+
+
+def run(row: str, allocator: str, steps: int, data_root: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = Path(folder) / "run"
+        command = da_table.command("mnist_usps", row, seed, steps, data_root, run_dir, "bf16-nhwc")
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=da_table.ROOT, env=environment(allocator),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        samples: list[list[float]] = []  # [seconds since launch, RSS MiB, last validated step]
+        while process.poll() is None:
+            rss = resident_mib(process.pid)
+            if rss is not None:
+                samples.append([round(time.perf_counter() - start, 1), round(rss, 1), validated(run_dir)])
+            time.sleep(1.0)
+        wall = time.perf_counter() - start
+        stderr = process.stderr.read()
+        if process.returncode != 0:
+            raise SystemExit(f"error: {row} under {allocator} failed (status {process.returncode}):\n{stderr[-2000:]}")
+        curve = da_table.target_curve(run_dir)
+    times = {step: seconds for step, _, seconds in curve if seconds is not None}
+    first, last = min(times), max(times)
+    middle = (first + last) // 2
+    # A sample's step is the last validation logged by then: halves of training by step, the start (before
+    # the first validation) and the final test (after the last) left out.
+    halves = [[rss for _, rss, step in samples if first <= step < middle],
+              [rss for _, rss, step in samples if middle <= step < last]]
+    return {"row": row, "allocator": allocator, "steps": steps, "seed": seed, "wall_s": round(wall, 1),
+            "s_per_step": (times[last] - times[first]) / (last - first),
+            "peak_rss_mib": max(rss for _, rss, _ in samples),
+            "peak_rss_first_half_mib": max(halves[0], default=None),
+            "peak_rss_second_half_mib": max(halves[1], default=None),
+            "validation_times_s": times, "rss_samples": samples}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| row | allocator | s/step | peak RSS MiB | peak, 1st half of training | peak, 2nd half | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['allocator']} | {r['s_per_step']:.3f} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['peak_rss_first_half_mib'] or 0:.0f} | {r['peak_rss_second_half_mib'] or 0:.0f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS))
+    parser.add_argument("--rows", nargs="+", choices=["bn", "mn", "uan"], default=["bn", "uan"])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--data-root", default=str(da_table.ROOT.parent / "shared" / "data"))
+    parser.add_argument("--out", type=Path, default=da_table.RESULTS / "fit_memory.json")
+    args = parser.parse_args()
+    for allocator in args.allocators:
+        environment(allocator)  # a missing library fails before any run
+    rows = []
+    for row in args.rows:
+        for allocator in args.allocators:
+            rows.append(run(row, allocator, args.steps, args.data_root, args.seed))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    meta = {"command": "python benchmarks/fit_memory.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+            "machine": da_table.machine(), "commit": da_table.commit()}
+    args.out.write_text(json.dumps({**meta, "runs": rows}, indent=1) + "\n")
+    text = table(rows)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
