@@ -246,7 +246,9 @@ def validation_figure(runs: Sequence[Run], sets: Sequence[str] | None = None) ->
                 ax.plot([s for s, _ in points], [1 - a for _, a in points], marker=".", label=run.label, **style)
         title = "validation error" if one_domain else f"{name} validation error"
         ax.set(xlabel="training step", ylabel="validation error", title=title)
-        ax.legend(fontsize=7)
+    # One legend beside the axes: inside them, many runs' labels covered the curves' start.
+    handles = {line.get_label(): line for ax in axes for line in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
     return fig
 
 

@@ -122,6 +122,16 @@ def test_seeds_of_one_configuration_share_a_colour_and_differ_in_style(tmp_path)
     assert bn0.get_linestyle() != bn1.get_linestyle()
 
 
+def test_the_validation_legend_covers_no_axis_and_names_each_run_once(tmp_path):
+    runs = [plots.load_run(fake_run(tmp_path / f"{n}{i}", n)) for n in ("bn", "uan", "mn") for i in range(3)]
+    figure = plots.validation_figure(runs)
+    figure.draw_without_rendering()  # lays the figure out
+    [legend] = figure.legends
+    box = legend.get_window_extent()
+    assert len(figure.axes) == 2 and not any(box.overlaps(ax.get_window_extent()) for ax in figure.axes)
+    assert len(legend.get_texts()) == len({run.label for run in runs})
+
+
 def test_plain_classification_runs_get_one_validation_axis(tmp_path):
     folder = tmp_path / "classify"
     folder.mkdir()
@@ -135,7 +145,8 @@ def test_figures_name_each_run_in_their_legends(tmp_path):
     runs = [plots.load_run(fake_run(tmp_path / n, n)) for n in ("bn", "uan")]
     for figure in (plots.gradient_variance_figure(runs), plots.validation_figure(runs)):
         for ax in figure.axes:
-            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["AdaMatch + bn", "AdaMatch + uan"]
+            legend = ax.get_legend() or figure.legends[0]
+            assert [t.get_text() for t in legend.get_texts()] == ["AdaMatch + bn", "AdaMatch + uan"]
             assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
     heatmap = plots.layer_heatmap_figure(runs[0]).axes[0]
     assert heatmap.images[0].get_array().shape == (4, 3)

@@ -52,6 +52,9 @@ template <typename T>
 constexpr int kLanes = 64 / sizeof(T);
 // Rows summed in lanes before a flush to double: bounds float accumulation error.
 constexpr int kFlushRows = 8;
+// How many rows ahead a flat block prefetches its lanes: its rows are C elements apart, a stride the
+// hardware prefetcher follows late, and each element's long chain of maths leaves a load's miss exposed.
+constexpr int64_t kFlatAhead = 16;
 
 // ---- Value types. The per-element maths below runs on Vec<T>, gcc's explicit vector of
 // one cache line (a block of lanes whose reductions stay in registers across rows, which
@@ -511,6 +514,10 @@ MIX_INLINE void for_block(const MixArgs& a, const RowOrder& o, const Block& b, F
       const auto tau = tau_row<T, K, Mode>(a, n, b.c);
       for (int64_t p = b.p0; p < b.p1; p += kWidth) f(base + p, p, tau);
     } else {
+      if (kIsVec<V> && i + kFlatAhead < b.i1) {
+        const int64_t ahead = o.row(i + kFlatAhead) * a.C + b.c;
+        (__builtin_prefetch(arrays + ahead), ...);
+      }
       f(n * a.C + b.c, b.c, tau_row<T, K, Mode>(a, n, 0));
     }
   }
