@@ -246,9 +246,10 @@ def validation_figure(runs: Sequence[Run], sets: Sequence[str] | None = None) ->
                 ax.plot([s for s, _ in points], [1 - a for _, a in points], marker=".", label=run.label, **style)
         title = "validation error" if one_domain else f"{name} validation error"
         ax.set(xlabel="training step", ylabel="validation error", title=title)
-    # One legend beside the axes: inside them, many runs' labels covered the curves' start.
+    # One legend below the axes: inside them, many runs' labels covered the curves' start, and beside them
+    # long labels are wider than the figure.
     handles = {line.get_label(): line for ax in axes for line in ax.get_lines()}
-    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", fontsize=7)
     return fig
 
 
