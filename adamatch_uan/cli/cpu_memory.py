@@ -1,18 +1,21 @@
-"""Opt-in: freed memory stays with a CPU training process instead of going back to the OS at every free.
+"""Freed memory stays with a CPU training process instead of going back to the OS at every free.
 
 glibc's malloc serves a large block (over its mmap threshold: 128 KiB, rising with the blocks freed
 to at most 32 MiB) with its own mmap and returns it with munmap when torch frees it, and gives the
 heap's free top back too, so the next step's activations arrive as fresh pages that the kernel
-faults in and zeroes 4 KiB at a time: thousands of page faults per layer and step (what they cost:
-docs/RESULTS.md, "Page faults"). With mmap off (``M_MMAP_MAX`` 0) and trimming only of a free
-heap top over 2 GiB (``M_TRIM_THRESHOLD``) every block comes from the heap and stays there when freed.
+faults in and zeroes 4 KiB at a time: thousands of page faults per layer and step. With mmap off
+(``M_MMAP_MAX`` 0) and trimming only of a free heap top over 2 GiB (``M_TRIM_THRESHOLD``) every block
+comes from the heap and stays there when freed.
 
-It is not the default because the heap can then grow where glibc's default would not: torch asks
-for 64-byte aligned blocks, and a freed block that small allocations have since hemmed in is too
-small for the same request plus its alignment slack, so the heap grows by a block each time (a
-probe that allocates and frees one large tensor in a loop does: docs/RESULTS.md, "Page faults").
-Training steps reused their blocks in the benchmarks, but no long run was measured. ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``
-turns it on for ``fit`` on the CPU; the benchmarks take ``--freed-memory keep``.
+A CPU ``fit`` does this by default; ``ADAMATCH_UAN_KEEP_FREED_MEMORY=0`` leaves glibc's malloc as it
+is. The heap can grow where glibc's default would not: torch asks for 64-byte aligned blocks, and a
+freed block that small allocations have since hemmed in is too small for the same request plus its
+alignment slack, so the heap grows by a block instead. Where measured (a probe that frees a large
+block among small ones that live on, and fits of 1000 steps) it grew for a while and then stopped;
+docs/RESULTS.md ("Page faults" and "Kept memory over a long run") has the costs and the gains.
+A preloaded caching allocator (tcmalloc, ``LD_PRELOAD``) replaces malloc altogether and makes this
+moot; the benchmarks take ``--freed-memory keep`` (their default is glibc's, which their recorded
+commands ran).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+from adamatch_uan.cli.errors import UserError
 
 VARIABLE = "ADAMATCH_UAN_KEEP_FREED_MEMORY"
 # glibc's mallopt parameters (malloc.h).
@@ -44,15 +49,23 @@ def keep_freed_memory() -> bool:
 
 
 def from_environment() -> bool:
-    """``keep_freed_memory()`` if ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``; whether freed memory is kept."""
-    return os.environ.get(VARIABLE) == "1" and keep_freed_memory()
+    """``keep_freed_memory()`` unless ``ADAMATCH_UAN_KEEP_FREED_MEMORY=0``; whether freed memory is kept.
+
+    Raises:
+        UserError: the variable holds something other than 0 or 1.
+    """
+    value = os.environ.get(VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise UserError(f"{VARIABLE}={value!r}: expected 1 (keep freed memory, the default on the CPU) or 0 "
+                        f"(glibc's default malloc); set {VARIABLE}=0 or unset it")
+    return value == "1" and keep_freed_memory()
 
 
 def add_option(parser: argparse.ArgumentParser) -> None:
     """``--freed-memory {release,keep}`` for a benchmark: glibc's default malloc (release, the default, which
     the benchmarks' earlier recorded commands ran) or kept freed memory (keep); ``kept(args)`` applies it."""
     parser.add_argument("--freed-memory", choices=["release", "keep"], default="release",
-                        help="release: glibc's default; keep: malloc keeps freed blocks (ADAMATCH_UAN_KEEP_FREED_MEMORY=1)")
+                        help="release: glibc's default; keep: malloc keeps freed blocks (what a CPU fit does)")
 
 
 def kept(args: argparse.Namespace) -> bool:
