@@ -19,8 +19,8 @@ resumes a run in its directory, its history continued. The first non-finite loss
 stops the run with a message naming the step, loss term and layers (``callbacks.NonFiniteGuard``),
 and the command exits with status 1; Ctrl+C prints the checkpoint it wrote and the resume command.
 ``--trainer.sync_batchnorm true`` syncs every norm layer's statistics across processes under
-DDP (``callbacks.MixtureSync``), not only BatchNorm's. A CPU run has malloc keep the memory torch frees
-instead of returning it to the OS (``cli.cpu_memory``; ``ADAMATCH_UAN_KEEP_FREED_MEMORY=0`` does not).
+DDP (``callbacks.MixtureSync``), not only BatchNorm's. With ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1`` a CPU run
+has malloc keep the memory torch frees instead of returning it to the OS (``cli.cpu_memory``).
 """
 
 from __future__ import annotations

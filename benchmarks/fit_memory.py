@@ -2,6 +2,7 @@
 
     python benchmarks/fit_memory.py [--allocators release keep tcmalloc] [--rows bn uan] [--steps 1000] \
         [--out benchmarks/results/fit_memory.json]
+    python benchmarks/fit_memory.py --probe [--allocators ...] [--out benchmarks/results/heap_probe.json]
 
 Each run is the MNIST → USPS cell of ``da_table.py`` (batch 32 + 96, bf16 channels-last, validation every
 100 steps, seed 3) for ``--steps`` steps, in a temporary run directory, with freed memory served by:
@@ -16,6 +17,11 @@ is safe for a long run is whether its memory stops growing: the JSON has each ru
 peak of each half of training (by the validations' elapsed time), and the seconds per step between the
 first and the last validation (start, data loading and the final test excluded). The markdown table has
 the peaks and the seconds per step. Run nothing else on the machine meanwhile.
+
+``--probe`` runs instead, under each allocator, the pattern that makes a heap that keeps freed memory
+grow: 200 times, a 64 MiB tensor allocated and freed while a small tensor made beside it lives on (torch
+asks for 64-byte aligned blocks, which a freed block hemmed in by small ones cannot serve). It records
+the resident memory and the page faults so far at every 40th iteration.
 """
 
 from __future__ import annotations
@@ -34,6 +40,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import da_table  # noqa: E402
 
 ALLOCATORS = ("release", "keep", "tcmalloc")
+PROBE = """
+import json, resource, torch
+from adamatch_uan.cli import cpu_memory
+cpu_memory.from_environment()
+def resident():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+small, points = [], []
+for i in range(200):
+    large = torch.ones(16 << 20)
+    small.append(torch.ones(100 + i))
+    del large
+    if i % 40 == 0 or i == 199:
+        points.append([i, round(resident(), 1), resource.getrusage(resource.RUSAGE_SELF).ru_minflt])
+print(json.dumps(points))
+"""
 TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
 
 
@@ -112,6 +133,22 @@ def run(row: str, allocator: str, steps: int, data_root: str, seed: int) -> dict
             "validation_times_s": times, "rss_samples": samples}
 
 
+def probe(allocator: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=da_table.ROOT, env=environment(allocator),
+                          capture_output=True, text=True, check=True)
+    points = json.loads(done.stdout)
+    return {"allocator": allocator, "points": [dict(zip(("iteration", "rss_mib", "page_faults"), p)) for p in points]}
+
+
+def probe_table(rows: list[dict]) -> str:
+    first = rows[0]["points"]
+    lines = ["| allocator | " + " | ".join(f"iteration {p['iteration']}: RSS MiB, faults" for p in first) + " |",
+             "|---|" + "---:|" * len(first)]
+    for r in rows:
+        lines.append(f"| {r['allocator']} | " + " | ".join(f"{p['rss_mib']:.0f}, {p['page_faults']}" for p in r["points"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| row | allocator | s/step | peak RSS MiB | peak, 1st half of training | peak, 2nd half | wall s |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -128,20 +165,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--data-root", default=str(da_table.ROOT.parent / "shared" / "data"))
-    parser.add_argument("--out", type=Path, default=da_table.RESULTS / "fit_memory.json")
+    parser.add_argument("--probe", action="store_true", help="the heap-growth probe instead of fits")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    out = args.out or da_table.RESULTS / ("heap_probe.json" if args.probe else "fit_memory.json")
     for allocator in args.allocators:
         environment(allocator)  # a missing library fails before any run
+    meta = {"command": "python benchmarks/fit_memory.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+            "machine": da_table.machine(), "commit": da_table.commit()}
+    if args.probe:
+        rows = [probe(allocator) for allocator in args.allocators]
+        out.write_text(json.dumps({**meta, "probes": rows}, indent=1) + "\n")
+        out.with_suffix(".md").write_text(probe_table(rows))
+        print(probe_table(rows))
+        return
     rows = []
     for row in args.rows:
         for allocator in args.allocators:
             rows.append(run(row, allocator, args.steps, args.data_root, args.seed))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    meta = {"command": "python benchmarks/fit_memory.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-            "machine": da_table.machine(), "commit": da_table.commit()}
-    args.out.write_text(json.dumps({**meta, "runs": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({**meta, "runs": rows}, indent=1) + "\n")
     text = table(rows)
-    args.out.with_suffix(".md").write_text(text)
+    out.with_suffix(".md").write_text(text)
     print(text)
 
 

@@ -7,15 +7,15 @@ faults in and zeroes 4 KiB at a time: thousands of page faults per layer and ste
 (``M_MMAP_MAX`` 0) and trimming only of a free heap top over 2 GiB (``M_TRIM_THRESHOLD``) every block
 comes from the heap and stays there when freed.
 
-A CPU ``fit`` does this by default; ``ADAMATCH_UAN_KEEP_FREED_MEMORY=0`` leaves glibc's malloc as it
-is. The heap can grow where glibc's default would not: torch asks for 64-byte aligned blocks, and a
-freed block that small allocations have since hemmed in is too small for the same request plus its
-alignment slack, so the heap grows by a block instead. Where measured (a probe that frees a large
-block among small ones that live on, and fits of 1000 steps) it grew for a while and then stopped;
-docs/RESULTS.md ("Page faults" and "Kept memory over a long run") has the costs and the gains.
-A preloaded caching allocator (tcmalloc, ``LD_PRELOAD``) replaces malloc altogether and makes this
-moot; the benchmarks take ``--freed-memory keep`` (their default is glibc's, which their recorded
-commands ran).
+It is opt-in: ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1`` turns it on for a CPU ``fit``. The heap can grow
+without bound where glibc's default would not: torch asks for 64-byte aligned blocks, and a freed
+block that a small allocation made meanwhile hems in is too small for the same request plus its
+alignment slack, so the heap grows by a block instead, at every repeat of the pattern (a probe that
+frees a large tensor while a small one made beside it lives on grows by the large one's size each
+time). Fits of 1000 steps did not grow, but a loop that keeps small tensors (a callback's log, say)
+could. A preloaded caching allocator (tcmalloc, ``LD_PRELOAD``) keeps freed memory without that
+failure; docs/RESULTS.md ("Page faults" and "Kept memory over a long run") has the costs and gains
+of each. The benchmarks take ``--freed-memory keep``.
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ def keep_freed_memory() -> bool:
 
 
 def from_environment() -> bool:
-    """``keep_freed_memory()`` unless ``ADAMATCH_UAN_KEEP_FREED_MEMORY=0``; whether freed memory is kept.
+    """``keep_freed_memory()`` if ``ADAMATCH_UAN_KEEP_FREED_MEMORY=1``; whether freed memory is kept.
 
     Raises:
         UserError: the variable holds something other than 0 or 1.
     """
-    value = os.environ.get(VARIABLE, "1")
+    value = os.environ.get(VARIABLE, "0")
     if value not in ("0", "1"):
-        raise UserError(f"{VARIABLE}={value!r}: expected 1 (keep freed memory, the default on the CPU) or 0 "
-                        f"(glibc's default malloc); set {VARIABLE}=0 or unset it")
+        raise UserError(f"{VARIABLE}={value!r}: expected 1 (keep freed memory) or 0 (glibc's default, as when "
+                        f"unset); set {VARIABLE}=1 to keep it, or unset it")
     return value == "1" and keep_freed_memory()
 
 
@@ -65,7 +65,7 @@ def add_option(parser: argparse.ArgumentParser) -> None:
     """``--freed-memory {release,keep}`` for a benchmark: glibc's default malloc (release, the default, which
     the benchmarks' earlier recorded commands ran) or kept freed memory (keep); ``kept(args)`` applies it."""
     parser.add_argument("--freed-memory", choices=["release", "keep"], default="release",
-                        help="release: glibc's default; keep: malloc keeps freed blocks (what a CPU fit does)")
+                        help="release: glibc's default; keep: malloc keeps freed blocks (ADAMATCH_UAN_KEEP_FREED_MEMORY=1)")
 
 
 def kept(args: argparse.Namespace) -> bool:
