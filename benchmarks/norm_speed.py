@@ -3,6 +3,7 @@
     python benchmarks/norm_speed.py [--device cuda] [--repeats 15] [--out benchmarks/results/norm_speed.json]
     python benchmarks/norm_speed.py --device cuda --backends torch compiled triton --out benchmarks/results/norm_speed_cuda.json
     python benchmarks/norm_speed.py --mode bf16-nhwc --out benchmarks/results/norm_speed_bf16_nhwc.json
+    python benchmarks/norm_speed.py --mode bf16-nhwc --components 1 2 3 4   # UAN at each K too
 
 ``--mode bf16-nhwc`` times every layer as the fastest CPU training mode runs it: a bfloat16
 channels-last input (as a bf16 convolution writes it), the layer channels-last, under bf16 autocast.
@@ -57,8 +58,10 @@ def on_backend(name: str | None):
         kernel._uses_triton, kernel._uses_kernel = saved
 
 
-def layers(channels: int, device: str, backends: list[str] | None) -> dict[str, tuple[torch.nn.Module, str | None]]:
-    """name -> (layer, backend it runs on; None: the dispatcher's choice)."""
+def layers(channels: int, device: str, backends: list[str] | None,
+           components: list[int] = ()) -> dict[str, tuple[torch.nn.Module, str | None]]:
+    """name -> (layer, backend it runs on; None: the dispatcher's choice); plus a UAN layer ``uan_k<K>`` for
+    each K of ``components`` (on the dispatcher's choice)."""
     def mixtures():
         return {"uan": make_norm("uan", channels, num_components=3),
                 "uan_ctx": make_norm("uan", channels, num_components=3, num_contexts=2),
@@ -67,6 +70,7 @@ def layers(channels: int, device: str, backends: list[str] | None) -> dict[str, 
     built = {"bn": (make_norm("bn", channels), None)}
     if not backends:
         built.update({name: (layer, None) for name, layer in mixtures().items()})
+    built.update({f"uan_k{k}": (make_norm("uan", channels, num_components=k), None) for k in components})
     for backend in backends or []:
         for name, layer in mixtures().items():
             layer = layer.to(device).train()
@@ -81,7 +85,7 @@ def step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, context: t
 
 
 def measure(shape: tuple[int, ...], device: str, repeats: int, backends: list[str] | None = None,
-            mode: str = "fp32-nchw") -> tuple[dict[str, float], dict[str, float]]:
+            mode: str = "fp32-nchw", components: list[int] = ()) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per step and median minor page faults per step, per layer."""
     dtype, layout = MODES[mode]
     layout = layout if len(shape) == 4 else torch.contiguous_format
@@ -89,7 +93,7 @@ def measure(shape: tuple[int, ...], device: str, repeats: int, backends: list[st
     grad = torch.randn_like(x)
     context = torch.arange(shape[0], device=device) % 2
     built = {name: (layer.to(memory_format=layout), backend)
-             for name, (layer, backend) in layers(shape[1], device, backends).items()}
+             for name, (layer, backend) in layers(shape[1], device, backends, components).items()}
     times: dict[str, list[float]] = {name: [] for name in built}
     faults: dict[str, list[int]] = {name: [] for name in built}
     for i in range(repeats + 2):
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--mode", default="fp32-nchw", choices=list(MODES))
     parser.add_argument("--tau-cache-mib", type=float, default=None,
                         help="the compiled kernel's τ cache (default: backends.TAU_CACHE_BYTES)")
+    parser.add_argument("--components", type=int, nargs="+", default=[], metavar="K",
+                        help="also time a UAN layer with each of these K (rows uan_k<K>): what a component costs")
     cpu_memory.add_option(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/norm_speed.json"))
     args = parser.parse_args()
@@ -132,7 +138,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     peak = next((gbs for key, gbs in PEAK_GBS.items() if gpu and key in gpu), None)
     for shape in SHAPES:
-        medians, faults = measure(shape, args.device, args.repeats, args.backends, args.mode)
+        medians, faults = measure(shape, args.device, args.repeats, args.backends, args.mode, args.components)
         moved = 4 * math.prod(shape) * MODES[args.mode][0].itemsize  # x, y, ∂L/∂y, ∂L/∂x
         bandwidth = {k: moved / v / 1e9 for k, v in medians.items()}
         rows.append({"shape": list(shape), "median_s": medians, "median_page_faults": faults,
