@@ -41,3 +41,11 @@ def test_the_tables_have_a_row_per_run():
               for a in ("release", "keep")]
     lines = fit_memory.probe_table(probes).splitlines()
     assert "iteration 40" in lines[0] and lines[3] == "| keep | 500, 0 | 540, 400 |"
+
+
+def test_compact_puts_each_sample_on_one_line_and_keeps_the_data():
+    import json
+
+    data = {"runs": [{"rss_samples": [[0.0, 1.5, 0], [1.0, 2.5, 100]], "times": {"100": 3.0}}]}
+    text = fit_memory.compact(json.dumps(data, indent=1))
+    assert json.loads(text) == data and text.splitlines()[4].strip() == "[0.0, 1.5, 0],"

@@ -1,4 +1,4 @@
-"""Freed memory stays with a CPU training process instead of going back to the OS at every free.
+"""Opt-in: freed memory stays with a CPU training process instead of going back to the OS at every free.
 
 glibc's malloc serves a large block (over its mmap threshold: 128 KiB, rising with the blocks freed
 to at most 32 MiB) with its own mmap and returns it with munmap when torch frees it, and gives the
