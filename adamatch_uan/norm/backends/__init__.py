@@ -57,8 +57,8 @@ from torch import Tensor
 from adamatch_uan.norm.backends import cpu_kernel, torch_ops
 from adamatch_uan.norm.backends.torch_ops import Running
 
-# The most components the compiled and Triton kernels serve (the compiled kernel's kMaxK, which
-# it checks; its passes keep one register per component).
+# The most components the compiled and Triton kernels serve, written here only: build.py compiles the
+# kernel with it (its kMaxK, which it checks; its passes keep one register per component).
 MAX_COMPONENTS = 8
 
 # Up to this size the forward keeps the responsibilities (K x the input) for the later

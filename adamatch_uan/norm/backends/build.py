@@ -35,10 +35,14 @@ from pathlib import Path
 
 import torch
 
+# The package is imported before this module in both ways it runs (imported lazily by cpu_kernel, or as
+# `python -m ...backends.build`), so the dispatcher's limit is there to hand to the compiler.
+from adamatch_uan.norm.backends import MAX_COMPONENTS
+
 SOURCES = ("mixture_kernel.cpp", "mixture_ops.cpp")
 HEADER = "mixture_kernel.h"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
-         "-fassociative-math"]
+         "-fassociative-math", f"-DMIX_MAX_K={MAX_COMPONENTS}"]
 FIX = ("Fix: install a C++ compiler (Debian: apt-get install g++) and run `python -m adamatch_uan.norm.backends.build` "
        "for the full error; ADAMATCH_UAN_KERNEL=0 chooses the torch-ops backend without this warning, "
        "ADAMATCH_UAN_KERNEL=1 makes a failed build an error.")

@@ -41,8 +41,10 @@
 // gcc's inliner gives up on some K in these deep loops, and a call inside a block's row
 // loop would spill its registers, so the per-element helpers are always inlined.
 #define MIX_INLINE inline __attribute__((always_inline))
-// Loops over components are unrolled so per-element arrays (t[K], ...) live in registers.
-#define MIX_UNROLL _Pragma("GCC unroll 8")
+// Loops over components are unrolled (up to kMaxK of them) so per-element arrays (t[K], ...) live in registers.
+#define MIX_PRAGMA(text) _Pragma(#text)
+#define MIX_UNROLL_BY(n) MIX_PRAGMA(GCC unroll n)
+#define MIX_UNROLL MIX_UNROLL_BY(MIX_MAX_K)
 // Each pass is a function of its own, which keeps gcc's inlining decisions (and profiles) per pass.
 #define MIX_PASS __attribute__((noinline))
 
@@ -991,18 +993,15 @@ using BackwardPass = BackwardPassOf<T, T, K>;
 template <typename T, int K>
 using BackwardPassBF16 = BackwardPassOf<T, BF16, K>;
 
-template <typename T, template <typename, int> class Pass>
+// Pass<T, a.K>::run for a.K in [K, kMaxK] (one instantiation per K); 1 when a.K is out of that range.
+template <typename T, template <typename, int> class Pass, int K = 1>
 int run_k(const MixArgs& a, int64_t c0, int64_t c1) {
-  switch (a.K) {
-    case 1: Pass<T, 1>::run(a, c0, c1); return 0;
-    case 2: Pass<T, 2>::run(a, c0, c1); return 0;
-    case 3: Pass<T, 3>::run(a, c0, c1); return 0;
-    case 4: Pass<T, 4>::run(a, c0, c1); return 0;
-    case 5: Pass<T, 5>::run(a, c0, c1); return 0;
-    case 6: Pass<T, 6>::run(a, c0, c1); return 0;
-    case 7: Pass<T, 7>::run(a, c0, c1); return 0;
-    case 8: Pass<T, 8>::run(a, c0, c1); return 0;
-    default: return 1;
+  if constexpr (K > kMaxK) {
+    return 1;
+  } else {
+    if (a.K != K) return run_k<T, Pass, K + 1>(a, c0, c1);
+    Pass<T, K>::run(a, c0, c1);
+    return 0;
   }
 }
 

@@ -4,8 +4,12 @@
 
 #include <cstdint>
 
-// The largest K the calls serve (run_k's cases).
-constexpr int kMaxK = 8;
+// The largest K the calls serve: the dispatcher's MAX_COMPONENTS (backends/__init__.py), which build.py
+// hands to the compiler, so the limit is written once.
+#ifndef MIX_MAX_K
+#error "build with -DMIX_MAX_K=<MAX_COMPONENTS>, as adamatch_uan/norm/backends/build.py does"
+#endif
+constexpr int kMaxK = MIX_MAX_K;
 
 struct MixArgs {
   const void* x;             // (N, C, P) input
