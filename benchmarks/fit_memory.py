@@ -40,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import da_table  # noqa: E402
 
+from adamatch_uan.cli import cpu_memory  # noqa: E402
+
 ALLOCATORS = ("release", "keep", "tcmalloc")
 SAMPLES_KEPT_EVERY = 5  # the JSON keeps every 5th second's sample; the peaks come from all of them
 PROBE = """
@@ -61,20 +63,13 @@ TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
 
 
 def tcmalloc_path() -> str | None:
-    """The shared library of an installed tcmalloc, or None."""
-    for name in TCMALLOC:
-        found = ctypes.util.find_library(name)
-        if found:
-            for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
-                if Path(folder, found).exists():
-                    return str(Path(folder, found))
-            return found
-    return None
+    """The soname of an installed tcmalloc (the loader finds it for ``LD_PRELOAD``), or None."""
+    return next(filter(None, map(ctypes.util.find_library, TCMALLOC)), None)
 
 
 def environment(allocator: str) -> dict[str, str]:
     """The environment of a run under ``allocator``, without any preload the caller had."""
-    env = dict(os.environ, ADAMATCH_UAN_KEEP_FREED_MEMORY="1" if allocator == "keep" else "0")
+    env = {**os.environ, cpu_memory.VARIABLE: "1" if allocator == "keep" else "0"}
     env.pop("LD_PRELOAD", None)
     if allocator == "tcmalloc":
         path = tcmalloc_path()
@@ -108,8 +103,10 @@ def run(row: str, allocator: str, steps: int, data_root: str, seed: int) -> dict
         run_dir = Path(folder) / "run"
         command = da_table.command("mnist_usps", row, seed, steps, data_root, run_dir, "bf16-nhwc")
         start = time.perf_counter()
+        # stderr to a file: a pipe nobody reads until the end would block a run that writes more than it holds.
+        log = (Path(folder) / "stderr.txt").open("w")
         process = subprocess.Popen(command, cwd=da_table.ROOT, env=environment(allocator),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.DEVNULL, stderr=log, text=True)
         samples: list[list[float]] = []  # [seconds since launch, RSS MiB, last validated step]
         while process.poll() is None:
             rss = resident_mib(process.pid)
@@ -117,7 +114,8 @@ def run(row: str, allocator: str, steps: int, data_root: str, seed: int) -> dict
                 samples.append([round(time.perf_counter() - start, 1), round(rss, 1), validated(run_dir)])
             time.sleep(1.0)
         wall = time.perf_counter() - start
-        stderr = process.stderr.read()
+        log.close()
+        stderr = (Path(folder) / "stderr.txt").read_text()
         if process.returncode != 0:
             raise SystemExit(f"error: {row} under {allocator} failed (status {process.returncode}):\n{stderr[-2000:]}")
         curve = da_table.target_curve(run_dir)
