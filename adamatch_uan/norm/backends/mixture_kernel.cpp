@@ -35,6 +35,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -214,6 +217,10 @@ MIX_INLINE V exp_nonpositive(V x) {
   V y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
           4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
+#ifdef __AVX512F__
+  // y * 2^fx in one instruction (vscalefps) instead of four that build 2^fx's bits; the same result.
+  if constexpr (kIsVec<V>) return reinterpret_cast<V>(_mm512_scalef_ps(reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(fx)));
+#endif
   const I bits = (convert<I>(fx) + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(V));
