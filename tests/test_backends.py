@@ -25,7 +25,7 @@ def test_layers_run_on_torch_ops_without_the_kernel(monkeypatch):
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("k", [1, backends.MAX_COMPONENTS])
+@pytest.mark.parametrize("k", [1, 2, backends.MAX_COMPONENTS])  # 2: its one-exponential softmax
 def test_the_kernel_serves_every_k_the_dispatcher_sends_it_as_torch_ops_would(k):
     """The kernel's own limit is the dispatcher's (build.py hands it over): a kernel built for fewer
     components would fail the call at K = MAX_COMPONENTS."""

@@ -102,11 +102,14 @@ def test_gradcheck_in_float64(backend):
 # enough elements to run threaded and, for the flat one, to flush its accumulators, with
 # rows (7 x 7 positions) and channel ranges (35 per thread) that leave elements over after
 # the full vectors. Both float32 backends are held to the float64 result, relative to each
-# tensor's scale; the kernel with and without its cache of the responsibilities.
+# tensor's scale (2e-5: a float32 sum over the N·P = 8192 values of a channel; the torch ops
+# reach 1.1e-5 on the input's gradient at K = 2); the kernel with and without its cache of the
+# responsibilities.
+@pytest.mark.parametrize("K", [2, 3])  # the kernel computes K = 2's softmax with one exponential
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
 @pytest.mark.parametrize("N, C, spatial", [(32, 8, (16, 16)), (96, 8, (7, 7)), (520, 70, ())])
 def test_kernel_and_torch_backends_match_float64_in_float32_on_a_threaded_shape(monkeypatch, request, N, C, spatial,
-                                                                                cache_bytes):
+                                                                                cache_bytes, K):
     from adamatch_uan.norm import backends as kernel
 
     if not kernel.kernel_available():
@@ -115,7 +118,7 @@ def test_kernel_and_torch_backends_match_float64_in_float32_on_a_threaded_shape(
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # threaded even in a one-thread test worker
     request.addfinalizer(lambda: torch.set_num_threads(threads))
-    problem = random_problem(N=N, C=C, spatial=spatial, G=2)
+    problem = random_problem(N=N, C=C, spatial=spatial, K=K, G=2)
     context = problem[-1]
 
     def output_and_grads(dtype):
@@ -130,7 +133,7 @@ def test_kernel_and_torch_backends_match_float64_in_float32_on_a_threaded_shape(
     torch_result = output_and_grads(torch.float32)
     for result in (kernel_result, torch_result):
         for ours, exact in zip(result, reference):
-            assert (ours.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+            assert (ours.double() - exact).abs().max() <= 2e-5 * exact.abs().max()
 
 
 def test_sums_are_taken_about_a_shift_so_large_offsets_keep_precision(backend):

@@ -282,6 +282,17 @@ MIX_INLINE V vlog1p(V u) {
 
 template <typename V, int K, typename Tab>
 MIX_INLINE void responsibilities(V xv, const Tab& m, const Tab& hh, const Tab& l0, V* t) {
+  if constexpr (K == 2) {
+    // The general code's exponential of the larger logit is exp(0) = 1, so two components need one
+    // exponential: with e = exp(-|l0 - l1|), the larger logit's tau is 1 / (1 + e), the smaller's e / (1 + e).
+    const V d0 = xv - m[0], d1 = xv - m[1];
+    const V diff = (l0[0] - hh[0] * d0 * d0) - (l0[1] - hh[1] * d1 * d1);
+    const V e = vexp(diff > 0 ? -diff : diff);
+    const V big = Elem<V>(1) / (e + Elem<V>(1)), small = e * big;
+    t[0] = diff >= 0 ? big : small;
+    t[1] = diff >= 0 ? small : big;
+    return;
+  }
   V l[K];
   V mx = l0[0] - hh[0] * (xv - m[0]) * (xv - m[0]);
   l[0] = mx;
