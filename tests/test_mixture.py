@@ -102,7 +102,7 @@ def test_gradcheck_in_float64(backend):
 # enough elements to run threaded and, for the flat one, to flush its accumulators, with
 # rows (7 x 7 positions) and channel ranges (35 per thread) that leave elements over after
 # the full vectors. Both float32 backends are held to the float64 result, relative to each
-# tensor's scale (2e-5: a float32 sum over the N·P = 8192 values of a channel; the torch ops
+# tensor's scale (2e-5: float32 sums over up to N·P = 8192 values of a channel; the torch ops
 # reach 1.1e-5 on the input's gradient at K = 2); the kernel with and without its cache of the
 # responsibilities.
 @pytest.mark.parametrize("K", [2, 3])  # the kernel computes K = 2's softmax with one exponential
