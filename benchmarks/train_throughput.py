@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,10 +183,12 @@ def main() -> None:
                 base = by_mode.get(BASELINE, {}).get(norm)
                 entry["speedup"] = base["median_step_s"] / entry["median_step_s"] if base else float("nan")
         rows[f"{method}, {backbone}"] = by_mode
+    preload = os.environ.get("LD_PRELOAD")  # an allocator preloaded (tcmalloc) changes every row: the command names it
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {platform.processor() or ''} {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}",
-              "command": "python benchmarks/train_throughput.py " + " ".join(__import__("sys").argv[1:]),
+              "command": (f"LD_PRELOAD={preload} " if preload else "") + "python benchmarks/train_throughput.py "
+                         + " ".join(sys.argv[1:]),
               "batch": args.batch, "uratio": args.uratio, "rounds": args.rounds, "freed_memory_kept": kept,
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
