@@ -29,6 +29,8 @@ COMMANDS, SCRIPTS = recorded(fit=True), recorded(fit=False)
 @pytest.mark.parametrize("command", sorted(SCRIPTS))
 def test_a_recorded_benchmark_command_names_a_script_that_exists(command):
     args = shlex.split(command)
+    while args and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", args[0]):  # the environment it ran in (LD_PRELOAD=...)
+        args = args[1:]
     assert args[0] == "python", (command, SCRIPTS[command][0])
     if args[1] == "-m":  # a retest by one of the package's commands (evaluate): its options still parse
         import importlib
