@@ -202,35 +202,64 @@ MIX_INLINE V vsqrt(V x) {
 template <typename V>
 using Bits = std::conditional_t<kIsVec<V>, Vec<int32_t>, int32_t>;
 
-// exp for arguments <= 0 (logits minus their max). Cephes-style polynomial, relative
-// error ~1e-7, below float32 resolution of the softmax; written once for float and
-// Vec<float>.
+// 2^u for u <= 0 (base-2 logits minus their max): u = n + f with n = floor(u) and f in [0, 1),
+// 2^f a degree-5 polynomial (minimax in relative error on [0, 1], 2^0 = 1 exactly; relative error
+// below 2e-7 evaluated in float32), times 2^n. u is floored at -126, which keeps 2^n normal.
+// Written once for float and Vec<float>.
 template <typename V>
-MIX_INLINE V exp_nonpositive(V x) {
+MIX_INLINE V exp2_nonpositive(V u) {
   using I = Bits<V>;
-  const V lo = V{} - 87.0f;
-  x = x < lo ? lo : x;
-  const V t = x * 1.44269504088896341f + 0.5f;
-  const V fx = vfloor(t);
-  const V r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  const V z = r * r;
-  V y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-#ifdef __AVX512F__
-  // y * 2^fx in one instruction (vscalefps) instead of four that build 2^fx's bits; the same result.
-  if constexpr (kIsVec<V>) return reinterpret_cast<V>(_mm512_scalef_ps(reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(fx)));
+  const V lo = V{} - 126.0f;
+  u = u < lo ? lo : u;
+  const auto poly = [](V f) {
+    return ((((1.86183513e-3f * f + 9.0304045e-3f) * f + 5.57884462e-2f) * f + 2.40168229e-1f) * f + 6.93150938e-1f) * f +
+           1.0f;
+  };
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  // f in one instruction (vreduceps: u - floor(u)) and the product in another (vscalefps: p * 2^floor(u)).
+  if constexpr (kIsVec<V>) {
+    const __m512 uv = reinterpret_cast<__m512>(u);
+    const V f = reinterpret_cast<V>(_mm512_reduce_ps(uv, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    return reinterpret_cast<V>(_mm512_scalef_ps(reinterpret_cast<__m512>(poly(f)), uv));
+  }
 #endif
-  const I bits = (convert<I>(fx) + 127) << 23;
+  const V n = vfloor(u);
+  const I bits = (convert<I>(n) + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(V));
-  return y * scale;
+  return poly(u - n) * scale;
 }
 
 template <typename V>
+MIX_INLINE V vexp2(V u) {
+  if constexpr (std::is_same_v<Elem<V>, float>) {
+    return exp2_nonpositive(u);
+  } else {
+    return lanewise(u, [](double e) { return std::exp2(e); });
+  }
+}
+
+// a * b + c rounded once, lane by lane.
+template <typename V>
+MIX_INLINE V vfma(V a, Elem<V> b, V c) {
+  if constexpr (kIsVec<V>) {
+    for (int j = 0; j < int(sizeof(V) / sizeof(Elem<V>)); ++j) a[j] = std::fma(a[j], b, c[j]);
+    return a;
+  } else {
+    return std::fma(a, b, c);
+  }
+}
+
+// exp(x) = 2^(x log2 e), for the tables' maths (x <= 0 up to rounding). In float the product is split
+// into its rounded value t and its error e (by an FMA, plus x times the error of log2 e's float), and
+// 2^e = 1 + e ln 2 to float precision, so a large |x| loses nothing to the product's rounding.
+template <typename V>
 MIX_INLINE V vexp(V x) {
   if constexpr (std::is_same_v<Elem<V>, float>) {
-    return exp_nonpositive(x);
+    constexpr float kLog2e = 1.44269504f, kLog2eError = 1.92596299e-8f;
+    const V t = x * kLog2e;
+    const V e = vfma(x, kLog2e, V{} - t) + x * kLog2eError;
+    return exp2_nonpositive(t) * (e * float(M_LN2) + 1.0f);
   } else {
     return lanewise(x, [](double e) { return std::exp(e); });
   }
@@ -280,14 +309,15 @@ MIX_INLINE V vlog1p(V u) {
   }
 }
 
+// tau = softmax_k(logit) from the logit tables in base 2 (load_logit_tables): tau_k = 2^(l_k - max l) / sum_j 2^(l_j - max l).
 template <typename V, int K, typename Tab>
 MIX_INLINE void responsibilities(V xv, const Tab& m, const Tab& hh, const Tab& l0, V* t) {
   if constexpr (K == 2) {
-    // The general code's exponential of the larger logit is exp(0) = 1, so two components need one
-    // exponential: with e = exp(-|l0 - l1|), the larger logit's tau is 1 / (1 + e), the smaller's e / (1 + e).
+    // The general code's exponential of the larger logit is 2^0 = 1, so two components need one
+    // exponential: with e = 2^(-|l0 - l1|), the larger logit's tau is 1 / (1 + e), the smaller's e / (1 + e).
     const V d0 = xv - m[0], d1 = xv - m[1];
     const V diff = (l0[0] - hh[0] * d0 * d0) - (l0[1] - hh[1] * d1 * d1);
-    const V e = vexp(diff > 0 ? -diff : diff);
+    const V e = vexp2(diff > 0 ? -diff : diff);
     const V big = Elem<V>(1) / (e + Elem<V>(1)), small = e * big;
     t[0] = diff >= 0 ? big : small;
     t[1] = diff >= 0 ? small : big;
@@ -305,7 +335,7 @@ MIX_INLINE void responsibilities(V xv, const Tab& m, const Tab& hh, const Tab& l
   V s{};
   MIX_UNROLL
   for (int k = 0; k < K; ++k) {
-    t[k] = vexp(l[k] - mx);
+    t[k] = vexp2(l[k] - mx);
     s += t[k];
   }
   V inv = Elem<V>(1) / s;
@@ -405,7 +435,7 @@ MIX_INLINE V apply_backward_element(const Tau& tau, int64_t i, V xv, V gv, const
     }
     through_logits += dl * hh[k] * d;
   }
-  return gv * direct - Elem<V>(2) * through_logits;
+  return gv * direct - Elem<V>(2 * M_LN2) * through_logits;
 }
 
 // Backward of stats given dS: returns the part of d loss / dx and, with Params,
@@ -435,7 +465,7 @@ MIX_INLINE V stats_backward_element(const Tau& tau, int64_t i, V xv, const Tab& 
     }
     through_logits += dl * hh[k] * d;
   }
-  return direct - Elem<V>(2) * through_logits;
+  return direct - Elem<V>(2 * M_LN2) * through_logits;
 }
 
 // ---- The four passes. A block is one vector of elements (V = Vec<T>) or one element
@@ -562,6 +592,20 @@ MIX_INLINE void load_table(const void* t, int64_t r, int64_t C, int64_t c, V* ds
   for (int k = 0; k < K; ++k) dst[k] = lanes_at<Spatial, V>(t, (r * K + k) * C + c);
 }
 
+// A block's logit tables mu, h and lc, the last two in base 2 (times log2 e), the base the
+// softmax exponentiates in (2^(l - max l)); the chain through the logits multiplies back by ln 2.
+template <bool Spatial, typename V, int K>
+MIX_INLINE void load_logit_tables(const MixArgs& a, const Block& b, V* m, V* hh, V* l0) {
+  load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
+  load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
+  load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+  MIX_UNROLL
+  for (int k = 0; k < K; ++k) {
+    hh[k] *= Elem<V>(M_LOG2E);
+    l0[k] *= Elem<V>(M_LOG2E);
+  }
+}
+
 template <typename V, int K>
 using Reductions = std::array<V, K>;
 
@@ -605,9 +649,7 @@ struct StatsPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
     V m[K], hh[K], l0[K];
-    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
-    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
-    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    load_logit_tables<Spatial, V, K>(a, b, m, hh, l0);
     const V sh = lanes_at<Spatial, V>(a.shift, b.c);
     Reductions<V, 3 * K> acc{};
     const IO* x = static_cast<const IO*>(a.x);
@@ -623,9 +665,7 @@ struct ApplyPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 0> block(const MixArgs& a, const RowOrder& o, const Block& b) {
     V m[K], hh[K], l0[K], Ag[K], al[K];
-    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
-    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
-    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    load_logit_tables<Spatial, V, K>(a, b, m, hh, l0);
     load_table<Spatial, V, K>(a.A, b.g, a.C, b.c, Ag);
     load_table<Spatial, V, K>(a.alpha, 0, a.C, b.c, al);
     const V beta = lanes_at<Spatial, V>(a.beta, b.c);
@@ -644,9 +684,7 @@ struct ApplyBackwardPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 5 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
     V m[K], hh[K], l0[K], Ag[K], al[K];
-    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
-    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
-    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    load_logit_tables<Spatial, V, K>(a, b, m, hh, l0);
     load_table<Spatial, V, K>(a.A, b.g, a.C, b.c, Ag);
     load_table<Spatial, V, K>(a.alpha, 0, a.C, b.c, al);
     Reductions<V, 5 * K> acc{};
@@ -668,9 +706,7 @@ struct StatsBackwardPass {
   template <bool Spatial, typename V>
   static MIX_INLINE Reductions<V, 3 * K> block(const MixArgs& a, const RowOrder& o, const Block& b) {
     V m[K], hh[K], l0[K], d0[K], d1[K], d2[K];
-    load_table<Spatial, V, K>(a.mu, 0, a.C, b.c, m);
-    load_table<Spatial, V, K>(a.h, 0, a.C, b.c, hh);
-    load_table<Spatial, V, K>(a.lc, b.g, a.C, b.c, l0);
+    load_logit_tables<Spatial, V, K>(a, b, m, hh, l0);
     load_table<Spatial, V, K>(a.dS, 0, a.C, b.c, d0);
     load_table<Spatial, V, K>(a.dS, 1, a.C, b.c, d1);
     load_table<Spatial, V, K>(a.dS, 2, a.C, b.c, d2);
