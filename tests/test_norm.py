@@ -123,7 +123,9 @@ def test_channels_last_gives_the_nchw_result_in_channels_last(backend, name):
     y_cl, gx_cl, grads_cl, trained_cl = layer_step(layer, x.contiguous(memory_format=torch.channels_last), context)
     assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()  # written NHWC
     torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gx_cl, gx, rtol=1e-4, atol=1e-5)
+    # ∂L/∂x adds parts that nearly cancel (the direct one and the chains through τ and the statistics), so
+    # its rounding is held to the tensor's scale, with test_mixture.py's float32 bound (2e-5).
+    assert_close_to_scale(gx_cl, gx, 2e-5, "∂L/∂x")
     for a, b in zip(grads_cl, grads):  # float32 sums in another order
         assert_close_to_scale(a, b, 1e-4, "a parameter's gradient")
     for (key, a), b in zip(trained_cl.state_dict().items(), trained.state_dict().values()):  # running statistics

@@ -435,6 +435,7 @@ MIX_INLINE V apply_backward_element(const Tau& tau, int64_t i, V xv, V gv, const
     }
     through_logits += dl * hh[k] * d;
   }
+  // d logit / dx = -2 h (x - mu), and the h here is in base 2 (load_logit_tables): hence 2 ln 2.
   return gv * direct - Elem<V>(2 * M_LN2) * through_logits;
 }
 
@@ -465,7 +466,7 @@ MIX_INLINE V stats_backward_element(const Tau& tau, int64_t i, V xv, const Tab& 
     }
     through_logits += dl * hh[k] * d;
   }
-  return direct - Elem<V>(2 * M_LN2) * through_logits;
+  return direct - Elem<V>(2 * M_LN2) * through_logits;  // 2 ln 2: as in apply_backward_element
 }
 
 // ---- The four passes. A block is one vector of elements (V = Vec<T>) or one element
