@@ -42,3 +42,8 @@ def test_the_budget_is_what_uan_layers_may_cost_for_the_target():
     # 190 / 0.95 = 200 ms for UAN's step, of which 250 − 90 = 160 is not its norm layers: 40 ms left for them.
     assert "may cost 40.0 ms per step, against 90.0 ms measured (BatchNorm's: 30.0 ms)" in text
     assert "UAN/BN 0.76" in text
+
+
+def test_a_compiled_mode_is_refused_rather_than_profiled_uncompiled():
+    with pytest.raises(ValueError, match="bf16-nhwc-compiled"):
+        step_profile.profile("shallow_cnn", "bn", "bf16-nhwc-compiled", batch=2, uratio=1, steps=1)
