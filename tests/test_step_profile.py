@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-step_profile = pytest.importorskip("step_profile")
+import step_profile  # noqa: E402
 
 
 @pytest.mark.parametrize("norm, forward_op, backward_op", [
