@@ -20,7 +20,6 @@ which falls mostly on the many small ops; the groups are what this script is for
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from datetime import datetime, timezone
@@ -34,6 +33,7 @@ from adamatch_uan.methods import AdaMatch
 from adamatch_uan.norm import make_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from da_table import publish  # noqa: E402
 from train_throughput import MODES, NORMS, batches  # noqa: E402
 
 GROUPS = ["norm forward", "norm backward", "convolution", "pool, ReLU", "rest"]
@@ -160,10 +160,7 @@ def main() -> None:
               "backbone": args.backbone, "mode": args.mode, "batch": args.batch, "uratio": args.uratio,
               "steps": args.steps, "freed_memory_kept": kept, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    table = markdown(rows, args.target)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    publish(args.out.with_suffix(""), result, markdown(rows, args.target))
     print(f"written to {args.out} and {args.out.with_suffix('.md')}")
 
 
